@@ -1,0 +1,1 @@
+"""Fused Triton attention kernels, installed as scaleinv_dist.kernels."""

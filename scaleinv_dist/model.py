@@ -1,0 +1,194 @@
+"""A GPT like the paper's (a modded-nanogpt variant), readable top to bottom.
+
+RMSNorm on the embeddings, before attention and MLP and at the output; QK-norm; squared-ReLU MLP;
+untied output head. Every token carries its absolute position and document id: the forward takes
+`positions` (B, N) and `doc_ids` (B, N) with the tokens, and the attention reads them through an
+injected `attend(q, k, v, q_pos, k_pos, q_seg, k_seg)` callable, which sequence parallelism swaps
+for a distributed one (scaleinv_dist.parallel.apply_cp). Nothing here imports torch.distributed.
+
+Positional schemes (AttentionConfig.position): rope, p_rope (RoPE on a fraction of the channel
+pairs, frequencies 1 .. 1/p_rope_base; the rest carry no position), nope, alibi.
+Logit transforms (AttentionConfig.transform): scale_invariant, none, logn (q scaled by a learned
+per-head s times log(q_pos + 1), the paper's LogN baseline).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import scale_invariant_attention
+from .config import AttentionConfig, ModelConfig
+from .loss import chunked_cross_entropy
+from .transform import alibi_slopes
+
+Attend = Callable[..., torch.Tensor]
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[-1],))
+
+
+def rotary_inv_freq(head_dim: int, cfg: AttentionConfig) -> torch.Tensor | None:
+    """Angular frequencies (radians per token), shape (head_dim // 2,) float64, or None (no RoPE).
+
+    rope: base^(-2i/D). p_rope: round(fraction * D/2) pairs with frequencies spaced geometrically
+    from 1 down to 1/p_rope_base, the remaining pairs frequency 0 (position-free channels).
+    """
+    half = head_dim // 2
+    if cfg.position == "rope":
+        return cfg.rope_base ** (-torch.arange(half, dtype=torch.float64) / half)
+    if cfg.position == "p_rope":
+        n_rot = round(cfg.p_rope_fraction * half)
+        freqs = torch.zeros(half, dtype=torch.float64)
+        if n_rot:
+            freqs[:n_rot] = (1.0 / cfg.p_rope_base) ** torch.linspace(0, 1, n_rot, dtype=torch.float64)
+        return freqs
+    return None
+
+
+def rotary_tables(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """cos, sin of shape (B, 1, N, D/2) from absolute positions (B, N), computed in float64."""
+    angles = positions.to(torch.float64)[:, None, :, None] * inv_freq.to(positions.device)
+    return torch.cos(angles).to(dtype), torch.sin(angles).to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (i, i + D/2) of x (B, H, N, D) by the angles in cos/sin."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, attn: AttentionConfig, train_seq_len: int):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.n_kv_head = cfg.n_kv_head or cfg.n_head
+        self.head_dim = cfg.head_dim or cfg.d_model // cfg.n_head
+        self.qkv = nn.Linear(cfg.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=False)
+        self.proj = nn.Linear(self.n_head * self.head_dim, cfg.d_model, bias=False)
+        self.logn = attn.transform == "logn"
+        if self.logn:  # s * log(N): s learned per head, initialised so that s log(L_train) = 1
+            self.logn_scale = nn.Parameter(torch.full((self.n_head,), 1.0 / math.log(train_seq_len)))
+
+    def forward(self, x, rotary, positions, doc_ids, attend: Attend):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).split(
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], -1
+        )
+        q = rms_norm(q.view(b, n, self.n_head, self.head_dim)).transpose(1, 2)
+        k = rms_norm(k.view(b, n, self.n_kv_head, self.head_dim)).transpose(1, 2)
+        v = v.view(b, n, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        if self.logn:
+            n_visible = torch.log1p(positions.to(q.dtype))[:, None, :, None]  # log(q_pos + 1)
+            q = q * (self.logn_scale.to(q.dtype)[None, :, None, None] * n_visible)
+        y = attend(q, k, v, positions, positions, doc_ids, doc_ids)
+        return self.proj(y.transpose(1, 2).reshape(b, n, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = int(cfg.mlp_ratio * cfg.d_model)
+        self.fc = nn.Linear(cfg.d_model, hidden, bias=False)
+        self.proj = nn.Linear(hidden, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        return self.proj(F.relu(self.fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, attn: AttentionConfig, train_seq_len: int):
+        super().__init__()
+        self.attn = Attention(cfg, attn, train_seq_len)
+        self.mlp = MLP(cfg)
+        self.checkpoint_mlp = False  # "selective" activation checkpointing
+
+    def forward(self, x, rotary, positions, doc_ids, attend):
+        x = x + self.attn(rms_norm(x), rotary, positions, doc_ids, attend)
+        if self.checkpoint_mlp and torch.is_grad_enabled():
+            return x + checkpoint(lambda h: self.mlp(rms_norm(h)), x, use_reentrant=False)
+        return x + self.mlp(rms_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig, attn: AttentionConfig, train_seq_len: int,
+                 loss_chunk_tokens: int = 8192):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("model.vocab_size must be set (0 means: take it from the tokenizer)")
+        self.cfg, self.attn_cfg = cfg, attn
+        self.loss_chunk_tokens = loss_chunk_tokens
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, attn, train_seq_len) for _ in range(cfg.n_layer))
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        head_dim = cfg.head_dim or cfg.d_model // cfg.n_head
+        self.register_buffer("inv_freq", rotary_inv_freq(head_dim, attn), persistent=False)
+        slopes = alibi_slopes(cfg.n_head) if attn.position == "alibi" else None
+        self.register_buffer("alibi_slopes", slopes, persistent=False)
+        self.checkpoint_blocks = False  # "full" activation checkpointing
+        self.attend: Attend = self.local_attend
+        self._init_weights(cfg)
+
+    def _init_weights(self, cfg: ModelConfig) -> None:
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                std = cfg.init_std / math.sqrt(2 * cfg.n_layer) if name.endswith("proj.weight") else cfg.init_std
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def attention_options(self) -> dict:
+        """The attention function's keyword options (shared with distributed attention)."""
+        a = self.attn_cfg
+        transform = "scale_invariant" if a.transform == "scale_invariant" else (
+            "alibi" if a.position == "alibi" else "none")
+        return dict(transform=transform, tau=a.tau, backend=a.backend, alibi_slopes=self.alibi_slopes)
+
+    def local_attend(self, q, k, v, q_pos, k_pos, q_seg, k_seg):
+        return scale_invariant_attention(q, k, v, q_pos, k_pos, q_seg=q_seg, k_seg=k_seg,
+                                         **self.attention_options())
+
+    def set_activation_checkpointing(self, mode: str) -> None:
+        """none | full (recompute whole blocks) | selective (recompute the MLPs only)."""
+        self.checkpoint_blocks = mode == "full"
+        for block in self.blocks:
+            block.checkpoint_mlp = mode == "selective"
+
+    def hidden_states(self, tokens, positions, doc_ids=None):
+        """Final normalised hidden states (B, N, d_model) for tokens/positions/doc_ids (B, N)."""
+        if tokens.shape != positions.shape:
+            raise ValueError(f"positions {tuple(positions.shape)} must match tokens {tuple(tokens.shape)}")
+        x = rms_norm(self.wte(tokens))
+        rotary = None if self.inv_freq is None else rotary_tables(positions, self.inv_freq, x.dtype)
+        for block in self.blocks:
+            if self.checkpoint_blocks and torch.is_grad_enabled():
+                x = checkpoint(block, x, rotary, positions, doc_ids, self.attend, use_reentrant=False)
+            else:
+                x = block(x, rotary, positions, doc_ids, self.attend)
+        return rms_norm(x)
+
+    def forward(self, tokens, positions, doc_ids=None, labels=None):
+        """Logits (B, N, V), or with labels (B, N; -100 ignored) the pair (loss_sum fp32, n_tokens)."""
+        h = self.hidden_states(tokens, positions, doc_ids)
+        if labels is None:
+            return self.lm_head(h)
+        return chunked_cross_entropy(h, self.lm_head.weight, labels, self.loss_chunk_tokens)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.wte.weight.numel() if non_embedding else n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 x matmul parameters + causal attention 7 * L * N * H * D.
+
+        Attention counts forward 4 * N^2 * H * D / 2 per layer and sequence (causal) and backward 2.5x
+        forward, the convention of benchmarks/attention.py.
+        """
+        head_dim = self.cfg.head_dim or self.cfg.d_model // self.cfg.n_head
+        attn = 7.0 * self.cfg.n_layer * seq_len * self.cfg.n_head * head_dim
+        return 6.0 * self.num_params(non_embedding=True) + attn
