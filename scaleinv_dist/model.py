@@ -192,3 +192,13 @@ class GPT(nn.Module):
         head_dim = self.cfg.head_dim or self.cfg.d_model // self.cfg.n_head
         attn = 7.0 * self.cfg.n_layer * seq_len * self.cfg.n_head * head_dim
         return 6.0 * self.num_params(non_embedding=True) + attn
+
+
+def build_model(cfg, vocab_size: int | None = None) -> GPT:
+    """A GPT from a full Config; vocab_size fills model.vocab_size when that is 0."""
+    mcfg = cfg.model
+    if vocab_size is not None and mcfg.vocab_size == 0:
+        mcfg = type(mcfg)(**{**mcfg.__dict__, "vocab_size": vocab_size})
+    model = GPT(mcfg, cfg.attention, cfg.train.seq_len, cfg.train.loss_chunk_tokens)
+    model.set_activation_checkpointing(cfg.train.activation_checkpointing)
+    return model
