@@ -1,0 +1,149 @@
+#!/usr/bin/env python
+"""Needle-in-a-haystack retrieval of a trained run: accuracy by needle depth and context length.
+
+    python launch/niah.py --run runs/tiny                                  # 1x, 4x, 16x train length
+    python launch/niah.py --run runs/tiny --lengths 256,1024 --depths 0,0.5,1 --samples 20
+    python launch/niah.py --run runs/tiny --finetune-steps 300 --needles 3   # the paper's recipe, roughly
+    python launch/niah.py --run runs/tiny --mode generate                  # greedy KV-cache decoding
+
+Needles "The special magic <city> number is <7 digits>." go into validation text at each depth;
+the context ends with "What is the special magic <city> number? The special magic <city> number is"
+and the number must follow. Writes <run>/niah.json and <run>/niah_heatmap.png (or under --out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scaleinv_dist.evaluate.common import EvalError, die  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", "--run-dir", dest="run", required=True,
+                   help="run directory (a training run's run.out_dir); under torchrun spell it --run-dir")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--lengths", help="context lengths, e.g. 256,1024,4k")
+    g.add_argument("--multiples", help="multiples of the training length (default 1,4,16)")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1]")
+    p.add_argument("--samples", type=int, default=10, help="contexts per (depth, length) cell")
+    p.add_argument("--needles", type=int, default=1,
+                   help="needles per context: the scored one at the depth, the rest distractors (paper: 3)")
+    p.add_argument("--mode", choices=("teacher", "generate"), default="teacher",
+                   help="teacher: argmax exact match of the answer tokens; generate: greedy decoding")
+    p.add_argument("--finetune-steps", type=int, default=0,
+                   help="fine-tune on needle tasks first (paper: 300)")
+    p.add_argument("--finetune-lr", type=float, default=None,
+                   help="AdamW lr (default: the run's train.lr / 10)")
+    p.add_argument("--finetune-length", type=int, default=None,
+                   help="fine-tune context length (default: the run's train.seq_len)")
+    p.add_argument("--finetune-batch", type=int, default=8, help="contexts per fine-tune step")
+    p.add_argument("--batch-size", type=int, default=1, help="contexts per forward when scoring")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", help="a checkpoint folder (default: the run's latest)")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda")
+    p.add_argument("--out", help="output folder (default: the run directory)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except EvalError as err:
+        die(str(err))
+    except ValueError as err:
+        die(str(err).splitlines()[0] if str(err) else type(err).__name__)
+    return 0
+
+
+def run(args) -> int:
+    import torch
+
+    from scaleinv_dist.config import load_config
+    from scaleinv_dist.evaluate import common, data_access, niah, plots, report
+    from scaleinv_dist.evaluate.niah_finetune import finetune_on_needles
+    from scaleinv_dist.run_dir import load_trained_model
+
+    run_dir = Path(args.run)
+    if not run_dir.is_dir():
+        raise EvalError(f"run directory {str(run_dir)!r} does not exist; pass the run.out_dir of a "
+                        f"training run")
+    depths = common.parse_fractions(args.depths, "--depths")
+    if args.samples < 1 or args.needles < 1 or args.finetune_steps < 0 or args.batch_size < 1:
+        raise EvalError("--samples, --needles and --batch-size must be >= 1, --finetune-steps >= 0")
+    if args.needles > len(niah.CITIES):
+        raise EvalError(f"--needles must be <= {len(niah.CITIES)} (one city per needle)")
+    if args.mode == "generate" and not niah.generation_available():
+        raise EvalError("--mode generate needs scaleinv_dist.generate (KV-cache decoding), which does not "
+                        "import here; use --mode teacher")
+    if not (run_dir / "config.yaml").is_file():
+        raise EvalError(f"{run_dir} is not a run directory (no config.yaml); pass the run.out_dir of "
+                        f"a training run")
+    base = load_config(run_dir / "config.yaml", args.overrides)
+    device = common.pick_device(args.device or base.run.device)
+    torch.manual_seed(args.seed)
+    model, cfg, ckpt = load_trained_model(run_dir, args.checkpoint, args.overrides, device)
+    train_len = cfg.train.seq_len
+    lens = common.resolve_lengths(
+        train_len,
+        lengths=common.parse_int_list(args.lengths, "--lengths") if args.lengths else None,
+        multiples=common.parse_float_list(args.multiples, "--multiples") if args.multiples else [1, 4, 16])
+    bundle = data_access.load_validation(cfg, run_dir)
+    tokenizer = bundle.tokenizer
+    bos = data_access.window_bos(bundle)
+    haystack = data_access.store_tokens(bundle.val_store, max(lens) * 4)
+    builder = niah.NeedleBuilder(tokenizer, haystack, bos_id=bos, seed=args.seed)
+    need = builder.min_length(args.needles)
+    if min(lens) < need:
+        raise EvalError(f"context length {min(lens)} is too short for {args.needles} needle(s) and the "
+                        f"question with this tokenizer (about {need} tokens needed); use --lengths of at "
+                        f"least {need}")
+    ft_len = args.finetune_length or train_len
+    if args.finetune_steps and ft_len < need:
+        raise EvalError(f"the fine-tune length {ft_len} (train.seq_len) is too short for {args.needles} "
+                        f"needle(s) and the question (about {need} tokens); pass --finetune-length {need} "
+                        f"or more")
+
+    ft = None
+    if args.finetune_steps:
+        # fine-tune haystacks come from the training split: the scored contexts stay unseen
+        ft_hay = data_access.store_tokens(bundle.train_store, max(ft_len * 64, 1 << 20))
+        ft_builder = niah.NeedleBuilder(tokenizer, ft_hay, bos_id=bos, seed=args.seed + 1)
+        lr = args.finetune_lr if args.finetune_lr is not None else cfg.train.lr / 10
+        t0 = time.time()
+        losses = finetune_on_needles(model, ft_builder, ft_len, args.finetune_steps, lr,
+                                     args.finetune_batch, args.needles, device, progress=not args.quiet)
+        ft = {"steps": args.finetune_steps, "lr": lr, "batch": args.finetune_batch, "length": ft_len,
+              "first_loss": losses[0], "last_loss": losses[-1], "seconds": round(time.time() - t0, 1),
+              "haystack": "train split"}
+        print(f"fine-tuned {args.finetune_steps} steps: answer loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+
+    t0 = time.time()
+    grid = niah.run_grid(model, builder, lens, depths, args.samples, n_needles=args.needles,
+                         mode=args.mode, tokenizer=tokenizer, device=device, batch_size=args.batch_size,
+                         progress=not args.quiet)
+    out_dir = Path(args.out) if args.out else run_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"run": str(run_dir), "checkpoint": str(ckpt), "step": common.checkpoint_step(ckpt),
+               "train_seq_len": train_len, "transform": cfg.attention.transform,
+               "position": cfg.attention.position, "seed": args.seed, "finetune": ft,
+               "seconds": round(time.time() - t0, 1), **grid}
+    (out_dir / "niah.json").write_text(json.dumps(payload, indent=2))
+    title = (f"{run_dir.name}: {cfg.attention.transform} + {cfg.attention.position}, {args.mode}"
+             + (f", fine-tuned {args.finetune_steps} steps" if args.finetune_steps else ""))
+    plots.plot_needle_heatmap(grid, out_dir / "niah_heatmap.png", train_len, title)
+    print(report.needle_table(grid))
+    print(f"wrote {out_dir / 'niah.json'} and {out_dir / 'niah_heatmap.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

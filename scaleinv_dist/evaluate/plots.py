@@ -1,0 +1,92 @@
+"""PNG figures for the evaluations (matplotlib, Agg backend: no display needed)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _mark_train(ax, train_len: int | None) -> None:
+    if train_len:
+        ax.axvline(train_len, color="grey", linestyle="--", linewidth=1, label=f"train length {train_len}")
+
+
+def plot_loss_vs_length(results: Mapping[int, dict], train_len: int | None, path: str | Path,
+                        title: str = "") -> Path:
+    """Two panels: mean loss against context length; loss by position bucket, one line per length."""
+    lengths = sorted(int(k) for k in results)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    a.plot(lengths, [results[L]["loss"] for L in lengths], marker="o")
+    a.set_xscale("log", base=2)
+    a.set_xlabel("context length (tokens)")
+    a.set_ylabel("validation loss (nats/token)")
+    a.set_title("loss vs context length")
+    a.ticklabel_format(axis="y", useOffset=False, style="plain")
+    _mark_train(a, train_len)
+    a.legend(fontsize=8)
+    for L in lengths:
+        bs = [x for x in results[L]["buckets"] if x["count"] > 0]
+        # plot each bucket at its geometric centre (position 0 at 0.5 on the log axis)
+        xs = [max(0.5, (x["lo"] * max(x["hi"] - 1, 1)) ** 0.5) if x["lo"] else 0.5 for x in bs]
+        b.plot(xs, [x["loss"] for x in bs], marker=".", label=f"L={L}")
+    b.set_xscale("log", base=2)
+    b.set_xlabel("position in window (tokens of context)")
+    b.set_ylabel("loss (nats/token)")
+    b.set_title("loss by position bucket (log2 buckets)")
+    b.ticklabel_format(axis="y", useOffset=False, style="plain")
+    _mark_train(b, train_len)
+    b.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_needle_heatmap(grid: dict, path: str | Path, train_len: int | None = None, title: str = "") -> Path:
+    """Depth (rows) x context length (columns) retrieval accuracy, annotated."""
+    acc, depths, lengths = grid["accuracy"], grid["depths"], grid["lengths"]
+    fig, ax = plt.subplots(figsize=(max(5.5, 2.4 + 1.1 * len(lengths)), 1.8 + 0.45 * len(depths)))
+    im = ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(len(lengths)), [f"{L}" + ("*" if L == train_len else "") for L in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths])
+    ax.set_xlabel("context length (tokens; * = training length)")
+    ax.set_ylabel("needle depth")
+    for i in range(len(depths)):
+        for j in range(len(lengths)):
+            ax.text(j, i, f"{acc[i][j]:.2f}", ha="center", va="center", fontsize=8)
+    fig.colorbar(im, ax=ax, label="accuracy")
+    import textwrap
+
+    sub = f"needle retrieval ({grid.get('mode', 'teacher')}, {grid.get('samples')} per cell)"
+    lines = [w for part in ([title, sub] if title else [sub]) for w in textwrap.wrap(part, 60)]
+    ax.set_title("\n".join(lines), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_methods(rows: Sequence[dict], train_len: int | None, path: str | Path, title: str = "") -> Path:
+    """Loss against context length, one line per method (rows: {"method", "losses": {L: loss}})."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for row in rows:
+        pts = sorted((int(L), v) for L, v in row["losses"].items() if v is not None)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=row["method"])
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+    _mark_train(ax, train_len)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "validation loss vs context length", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
