@@ -1,0 +1,234 @@
+"""Checkpoints: atomic publication (a crash mid-save leaves the previous one usable), keep-K pruning,
+pickle-free trainer state, and weights-only loading of DeepSpeed's files.
+
+The protocol is tested with a stand-in engine (no DeepSpeed, no process group); the slow test at the
+end kills a real DeepSpeed training process in the middle of a save.
+"""
+import json
+import os
+import pickle
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from scaleinv_dist.run_dir import latest_checkpoint, load_trained_model
+from scaleinv_dist.train import checkpoint as ckpt
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class FakeEngine:
+    """The two engine methods checkpoint.py uses, writing a DeepSpeed-like torch file."""
+
+    def __init__(self, value=0.0, fail_on_save=False):
+        self.module = torch.nn.Linear(3, 2)
+        torch.nn.init.constant_(self.module.weight, value)
+        self.value, self.fail_on_save = value, fail_on_save
+
+    def save_checkpoint(self, save_dir, tag, save_latest=True):
+        assert save_latest is False
+        folder = Path(save_dir) / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save({"module": self.module.state_dict(), "value": self.value, "global_steps": 1},
+                   folder / "mp_rank_00_model_states.pt")
+        if self.fail_on_save:
+            raise RuntimeError("disk full (simulated)")
+
+    def load_checkpoint(self, load_dir, tag, **kwargs):
+        path = Path(load_dir) / tag / "mp_rank_00_model_states.pt"
+        state = torch.load(path)  # checkpoint.load_checkpoint forces weights_only=True
+        self.module.load_state_dict(state["module"])
+        self.value = state["value"]
+        return str(path), {}
+
+
+def save(run, step, value=None, keep=2, engine=None):
+    engine = engine or FakeEngine(float(step) if value is None else value)
+    return ckpt.save_checkpoint(engine, run, step, {"tokens_seen": step * 10}, {"loader": {"i": step},
+                                "rng": ckpt.rng_state()}, keep=keep)
+
+
+def test_save_publishes_folder_and_latest_last(tmp_path):
+    folder = save(tmp_path, 5)
+    assert folder == tmp_path / "checkpoints" / "step_00000005"
+    names = {p.name for p in folder.iterdir()}
+    assert {"mp_rank_00_model_states.pt", "model.safetensors", "trainer_state.json", "rank_00000.json",
+            "rank_00000.safetensors"} <= names
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000005"
+    assert latest_checkpoint(tmp_path) == folder
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+    state = json.loads((folder / "trainer_state.json").read_text())["state"]
+    assert state["step"] == 5 and state["tokens_seen"] == 50 and state["world_size"] == 1
+
+
+def test_load_restores_engine_and_states(tmp_path):
+    save(tmp_path, 3, value=0.5)
+    engine = FakeEngine(0.0)
+    trainer, rank = ckpt.load_checkpoint(engine, latest_checkpoint(tmp_path))
+    assert engine.value == 0.5 and torch.all(engine.module.weight == 0.5)
+    assert trainer["step"] == 3 and rank["loader"] == {"i": 3}
+
+
+@pytest.mark.parametrize("where", ["deepspeed", "our_files"])
+def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch, where):
+    save(tmp_path, 4, value=4.0)
+    if where == "deepspeed":
+        engine = FakeEngine(8.0, fail_on_save=True)
+    else:  # DeepSpeed's files were written, then ours failed
+        engine = FakeEngine(8.0)
+        monkeypatch.setattr(ckpt, "save_state_files", lambda *a, **k: (_ for _ in ()).throw(OSError("crash")))
+    with pytest.raises((RuntimeError, OSError)):
+        save(tmp_path, 8, engine=engine)
+    monkeypatch.undo()
+    # the half-written step 8 is not published; latest still names step 4, which loads
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    assert not (tmp_path / "checkpoints" / "step_00000008").exists()
+    assert (tmp_path / "checkpoints" / ".tmp-step_00000008").exists()
+    fresh = FakeEngine(0.0)
+    trainer, _ = ckpt.load_checkpoint(fresh, latest_checkpoint(tmp_path))
+    assert trainer["step"] == 4 and fresh.value == 4.0
+    # the next successful save cleans the leftover up
+    save(tmp_path, 9)
+    assert not (tmp_path / "checkpoints" / ".tmp-step_00000008").exists()
+    assert latest_checkpoint(tmp_path).name == "step_00000009"
+
+
+def test_crash_between_rename_and_latest(tmp_path):
+    """A published folder that `latest` does not name yet (died between steps 2 and 3) is ignored and
+    replaced by the next save of that step."""
+    save(tmp_path, 2)
+    stray = tmp_path / "checkpoints" / "step_00000006"
+    stray.mkdir()
+    (stray / "junk").write_text("x")
+    assert latest_checkpoint(tmp_path).name == "step_00000002"
+    save(tmp_path, 6)
+    assert not (stray / "junk").exists() and latest_checkpoint(tmp_path).name == "step_00000006"
+
+
+@pytest.mark.parametrize("keep", [1, 2, 3])
+def test_keep_last_k(tmp_path, keep):
+    for step in (10, 20, 30, 40, 50):
+        save(tmp_path, step, keep=keep)
+    assert ckpt.published_steps(tmp_path) == [10, 20, 30, 40, 50][-keep:]
+    assert latest_checkpoint(tmp_path).name == "step_00000050"
+
+
+def test_prune_never_deletes_latest(tmp_path):
+    for step in (1, 2, 3):
+        save(tmp_path, step, keep=5)
+    ckpt.write_latest(tmp_path, "step_00000001")  # e.g. rolled back by hand
+    ckpt.prune(tmp_path, keep=1)
+    assert ckpt.published_steps(tmp_path) == [1, 3]
+
+
+def test_resaving_the_latest_step_is_refused(tmp_path):
+    save(tmp_path, 7)
+    with pytest.raises(ckpt.CheckpointError, match="already the latest"):
+        save(tmp_path, 7)
+
+
+def test_state_round_trip_without_pickle(tmp_path, monkeypatch):
+    random.seed(3)
+    np.random.seed(4)
+    torch.manual_seed(5)
+    state = {"rng": ckpt.rng_state(), "loader": {"epoch": 2, "perm": np.arange(10, dtype=np.int64),
+             "offsets": torch.arange(4), "nested": [(1, 2.5, "a", None, True)], 7: "int key", "b": b"\x00\x01"}}
+    ckpt.save_state_files(state, tmp_path, "rank_00000")
+
+    def forbidden(*a, **k):
+        raise AssertionError("our trainer-state files must load without unpickling")
+    monkeypatch.setattr(pickle, "load", forbidden)
+    monkeypatch.setattr(pickle, "loads", forbidden)
+    monkeypatch.setattr(pickle, "Unpickler", forbidden)
+    monkeypatch.setattr(torch, "load", forbidden)
+    back = ckpt.load_state_files(tmp_path, "rank_00000")
+    monkeypatch.undo()
+    loader = back["loader"]
+    assert loader["epoch"] == 2 and loader[7] == "int key" and loader["b"] == b"\x00\x01"
+    assert isinstance(loader["perm"], np.ndarray) and (loader["perm"] == np.arange(10)).all()
+    assert isinstance(loader["offsets"], torch.Tensor) and torch.equal(loader["offsets"], torch.arange(4))
+    assert loader["nested"] == [(1, 2.5, "a", None, True)]
+    # the RNG states restore exactly
+    expect = (random.random(), np.random.rand(), torch.rand(1).item())
+    ckpt.set_rng_state(back["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expect
+    # and the files are plain JSON + safetensors
+    json.loads((tmp_path / "rank_00000.json").read_text())
+    assert (tmp_path / "rank_00000.safetensors").read_bytes()[8:9] == b"{"
+
+
+def test_unsupported_state_type_is_a_clear_error(tmp_path):
+    with pytest.raises(ckpt.CheckpointError, match="without pickle"):
+        ckpt.save_state_files({"x": object()}, tmp_path, "bad")
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_deepspeed_files_load_weights_only(tmp_path):
+    torch.save({"module": {"w": torch.ones(2)}, "evil": Evil()}, tmp_path / "evil.pt")
+    with ckpt.weights_only_loading():
+        with pytest.raises(ckpt.CheckpointError, match="refusing to unpickle"):
+            torch.load(tmp_path / "evil.pt", weights_only=False)  # forced to weights_only=True
+    assert torch.load is not None and torch.load.__name__ == "load"  # restored
+    # DeepSpeed's own classes on the allowlist do load
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    torch.save({"zero_stage": ZeroStageEnum(2), "state": {"exp_avg": torch.zeros(3)}}, tmp_path / "ds.pt")
+    with ckpt.weights_only_loading():
+        sd = torch.load(tmp_path / "ds.pt")
+    assert sd["zero_stage"] == ZeroStageEnum(2)
+
+
+def test_load_refuses_a_different_world_size(tmp_path):
+    save(tmp_path, 1)
+    path = latest_checkpoint(tmp_path) / "trainer_state.json"
+    data = json.loads(path.read_text())
+    data["state"]["world_size"] = 4
+    path.write_text(json.dumps(data))
+    with pytest.raises(ckpt.CheckpointError, match="4 ranks"):
+        ckpt.load_checkpoint(FakeEngine(), latest_checkpoint(tmp_path))
+
+
+# ----------------------------------------------------------------------------- a real process
+@pytest.fixture(scope="session")
+def train_env(tmp_path_factory):
+    """Environment for training subprocesses; one data cache per test session (shared with
+    test_train.py through the session's base temp dir, or $SCALEINV_CACHE when set)."""
+    cache = os.environ.get("SCALEINV_CACHE") or str(tmp_path_factory.getbasetemp() / "scaleinv_cache")
+    return {**os.environ, "SCALEINV_CACHE": cache, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
+@pytest.mark.slow
+def test_killed_during_a_real_save_resumes_from_the_previous(tmp_path, train_env):
+    """A 1-process DeepSpeed run dies (os._exit) after DeepSpeed wrote step 4's files but before
+    publishing: step 2 stays latest, load_trained_model reads it, and a rerun resumes from it."""
+    out = tmp_path / "run"
+    args = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
+            *TINY, f"run.out_dir={out}", "train.steps=5", "train.checkpoint_every=2"]
+    env = {**train_env, "SCALEINV_TEST_CRASH_IN_SAVE": "after_deepspeed"}
+    env["SCALEINV_TEST_CRASH_AT_STEP"] = "4"
+    r = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 17, r.stderr[-2000:]
+    assert latest_checkpoint(out).name == "step_00000002"
+    assert (out / "checkpoints" / ".tmp-step_00000004").is_dir()
+    model, cfg, folder = load_trained_model(out)
+    assert folder.name == "step_00000002" and cfg.model.vocab_size > 0
+    r = subprocess.run(args, env=train_env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from" in r.stdout and "step 2" in r.stdout
+    assert latest_checkpoint(out).name == "step_00000005"
+    assert not (out / "checkpoints" / ".tmp-step_00000004").exists()
+
+
+TINY = ["model.n_layer=2", "model.d_model=64", "model.n_head=2", "model.n_kv_head=1", "train.seq_len=64",
+        "train.micro_batch_size=4", "run.log_every=1", "run.wandb=disabled", "run.progress=false",
+        "data.vocab_size=300", "data.max_documents=12", "attention.backend=reference"]

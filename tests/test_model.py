@@ -1,0 +1,211 @@
+"""The GPT: every positional scheme x logit transform runs forward and backward; the chunked loss and
+activation checkpointing change nothing; p-RoPE / RoPE frequencies and the relative-position property."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scaleinv_dist.config import load_config
+from scaleinv_dist.loss import chunked_cross_entropy
+from scaleinv_dist.model import apply_rotary, build_model, rotary_inv_freq, rotary_tables
+
+V, B, N = 97, 2, 24
+
+
+def small_cfg(*overrides):
+    return load_config(None, ["model.n_layer=2", "model.d_model=32", "model.n_head=4", "model.n_kv_head=2",
+                              f"model.vocab_size={V}", f"train.seq_len={N}", "attention.backend=reference",
+                              *overrides])
+
+
+def batch(seed=0, docs=True):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, V, (B, N), generator=g)
+    labels = torch.randint(0, V, (B, N), generator=g)
+    labels[:, -1] = -100
+    positions = torch.arange(N).repeat(B, 1)
+    doc_ids = torch.zeros(B, N, dtype=torch.long)
+    if docs:  # two packed documents in the second row, positions restart
+        doc_ids[1, N // 2:] = 1
+        positions[1, N // 2:] -= N // 2
+    return tokens, positions, doc_ids, labels
+
+
+def rel(a, b):
+    """Largest absolute difference relative to the largest reference magnitude (fp32 sums of
+    different lengths differ by rounding only)."""
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+COMBOS = [(p, t) for p in ("p_rope", "rope", "nope") for t in ("scale_invariant", "none", "logn")]
+COMBOS.append(("alibi", "none"))
+
+
+@pytest.mark.parametrize("position,transform", COMBOS, ids=lambda x: str(x))
+def test_forward_backward_shapes(position, transform):
+    torch.manual_seed(0)
+    model = build_model(small_cfg(f"attention.position={position}", f"attention.transform={transform}"))
+    tokens, positions, doc_ids, labels = batch()
+    logits = model(tokens, positions, doc_ids)
+    assert logits.shape == (B, N, V) and torch.isfinite(logits).all()
+    loss_sum, n = model(tokens, positions, doc_ids, labels)
+    assert loss_sum.dtype == torch.float32 and loss_sum.dim() == 0
+    assert int(n) == (labels != -100).sum()
+    (loss_sum / n).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert p.grad.shape == p.shape and torch.isfinite(p.grad).all(), name
+    if transform == "logn":
+        assert any("logn_scale" in name for name, _ in model.named_parameters())
+
+
+def test_loss_at_init_is_about_log_vocab():
+    torch.manual_seed(0)
+    model = build_model(small_cfg())
+    tokens, positions, doc_ids, labels = batch()
+    with torch.no_grad():
+        loss_sum, n = model(tokens, positions, doc_ids, labels)
+    assert abs(loss_sum.item() / n.item() - math.log(V)) < 0.15
+
+
+def test_build_model_takes_vocab_from_tokenizer():
+    cfg = small_cfg("model.vocab_size=0")
+    model = build_model(cfg, vocab_size=123)
+    assert model.lm_head.weight.shape[0] == 123 and model.wte.weight.shape[0] == 123
+
+
+def test_positions_shape_mismatch_is_a_clear_error():
+    model = build_model(small_cfg())
+    tokens, positions, doc_ids, labels = batch()
+    with pytest.raises(ValueError, match="positions"):
+        model(tokens, positions[:, :-1], doc_ids, labels)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 16, 10_000])
+def test_chunked_loss_equals_full_cross_entropy(chunk):
+    torch.manual_seed(0)
+    h = torch.randn(B, N, 16, requires_grad=True)
+    w = torch.randn(V, 16, requires_grad=True)
+    labels = torch.randint(0, V, (B, N))
+    labels[0, :3] = -100
+    loss_sum, n = chunked_cross_entropy(h, w, labels, chunk)
+    gh, gw = torch.autograd.grad(loss_sum, (h, w))
+    full = F.cross_entropy((h @ w.t()).reshape(-1, V).float(), labels.reshape(-1), ignore_index=-100,
+                           reduction="sum")
+    fh, fw = torch.autograd.grad(full, (h, w))
+    assert int(n) == (labels != -100).sum()
+    assert rel(loss_sum, full) <= 1e-6
+    assert rel(gh, fh) <= 1e-6 and rel(gw, fw) <= 1e-6
+
+
+def test_model_loss_chunk_size_does_not_matter():
+    tokens, positions, doc_ids, labels = batch()
+    grads = []
+    for chunk in (5, 100_000):
+        torch.manual_seed(0)
+        model = build_model(small_cfg(f"train.loss_chunk_tokens={chunk}"))
+        loss_sum, n = model(tokens, positions, doc_ids, labels)
+        loss_sum.backward()
+        grads.append((loss_sum.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert rel(grads[0][0], grads[1][0]) <= 1e-6
+    for a, b in zip(grads[0][1], grads[1][1]):
+        assert rel(a, b) <= 1e-5
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_gives_the_same_gradients(mode):
+    tokens, positions, doc_ids, labels = batch()
+    results = {}
+    for m in ("none", mode):
+        torch.manual_seed(0)
+        model = build_model(small_cfg(f"train.activation_checkpointing={m}"))
+        loss_sum, n = model(tokens, positions, doc_ids, labels)
+        (loss_sum / n).backward()
+        results[m] = (loss_sum.detach(), {k: p.grad.clone() for k, p in model.named_parameters()})
+    assert torch.equal(results["none"][0], results[mode][0])
+    for k, g in results["none"][1].items():
+        assert torch.allclose(g, results[mode][1][k], rtol=1e-6, atol=1e-8), k
+
+
+def test_activation_checkpointing_flags():
+    model = build_model(small_cfg("train.activation_checkpointing=full"))
+    assert model.checkpoint_blocks and not any(b.checkpoint_mlp for b in model.blocks)
+    model = build_model(small_cfg("train.activation_checkpointing=selective"))
+    assert not model.checkpoint_blocks and all(b.checkpoint_mlp for b in model.blocks)
+
+
+@pytest.mark.parametrize("fraction", [0.25, 0.5, 0.75, 1.0])
+def test_p_rope_frequencies(fraction):
+    cfg = small_cfg("attention.position=p_rope", f"attention.p_rope_fraction={fraction}",
+                    "attention.p_rope_base=1024")
+    head_dim = 64
+    freqs = rotary_inv_freq(head_dim, cfg.attention)
+    half = head_dim // 2
+    assert freqs.shape == (half,) and freqs.dtype == torch.float64
+    n_rot = round(fraction * half)
+    assert (freqs == 0).sum().item() == half - n_rot  # position-free channel pairs
+    rotating = freqs[freqs > 0]
+    assert math.isclose(rotating.max().item(), 1.0)
+    longest = 2 * math.pi / rotating.min().item()
+    assert math.isclose(longest, 2 * math.pi * 1024, rel_tol=1e-9)  # max wavelength 2 pi base
+    assert torch.all(rotating[1:] < rotating[:-1])  # geometric, decreasing
+
+
+def test_rope_frequencies_and_none():
+    cfg = small_cfg("attention.position=rope", "attention.rope_base=10000")
+    freqs = rotary_inv_freq(64, cfg.attention)
+    assert torch.allclose(freqs, 10000.0 ** (-torch.arange(32, dtype=torch.float64) / 32))
+    for position, transform in (("nope", "scale_invariant"), ("alibi", "none")):
+        c = small_cfg(f"attention.position={position}", f"attention.transform={transform}")
+        assert rotary_inv_freq(64, c.attention) is None
+
+
+@pytest.mark.parametrize("position", ["rope", "p_rope"])
+def test_rotary_scores_depend_only_on_position_difference(position):
+    cfg = small_cfg(f"attention.position={position}")
+    d = 16
+    inv = rotary_inv_freq(d, cfg.attention)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, 1, d, dtype=torch.float64, generator=g)
+    k = torch.randn(1, 1, 1, d, dtype=torch.float64, generator=g)
+
+    def score(i, j):
+        ci, si = rotary_tables(torch.tensor([[i]]), inv, torch.float64)
+        cj, sj = rotary_tables(torch.tensor([[j]]), inv, torch.float64)
+        return (apply_rotary(q, ci, si) * apply_rotary(k, cj, sj)).sum().item()
+
+    for offset in (0, 1, 7, 100):
+        ref = score(offset, 0)
+        for shift in (3, 1000, 123_456):
+            assert abs(score(shift + offset, shift) - ref) < 1e-9 * max(1.0, abs(ref))
+    # and it does depend on the difference when something rotates
+    assert abs(score(5, 0) - score(0, 0)) > 1e-6
+
+
+def test_rotation_preserves_norm():
+    cfg = small_cfg("attention.position=rope")
+    inv = rotary_inv_freq(8, cfg.attention)
+    x = torch.randn(2, 3, 5, 8, dtype=torch.float64)
+    cos, sin = rotary_tables(torch.arange(5).repeat(2, 1) * 97, inv, torch.float64)
+    assert torch.allclose(apply_rotary(x, cos, sin).norm(dim=-1), x.norm(dim=-1))
+
+
+def test_documents_do_not_attend_across_boundaries():
+    torch.manual_seed(0)
+    model = build_model(small_cfg()).eval()
+    tokens, positions, doc_ids, _ = batch()
+    with torch.no_grad():
+        logits = model(tokens, positions, doc_ids)
+        # the second document of row 1 alone, positions from 0, gives the same logits
+        half = N // 2
+        alone = model(tokens[1:, half:], positions[1:, half:], doc_ids[1:, half:])
+    assert torch.allclose(logits[1:, half:], alone, atol=1e-5)
+
+
+def test_flops_per_token_formula():
+    model = build_model(small_cfg())
+    c = model.cfg
+    head_dim = c.d_model // c.n_head
+    expect = 6 * model.num_params(non_embedding=True) + 7 * c.n_layer * 512 * c.n_head * head_dim
+    assert model.flops_per_token(512) == expect
