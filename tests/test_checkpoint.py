@@ -198,15 +198,6 @@ def test_load_refuses_a_different_world_size(tmp_path):
 
 
 # ----------------------------------------------------------------------------- a real process
-@pytest.fixture(scope="session")
-def train_env(tmp_path_factory):
-    """Environment for training subprocesses; one data cache per test session (shared with
-    test_train.py through the session's base temp dir, or $SCALEINV_CACHE when set)."""
-    cache = os.environ.get("SCALEINV_CACHE") or str(tmp_path_factory.getbasetemp() / "scaleinv_cache")
-    return {**os.environ, "SCALEINV_CACHE": cache, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-
-
 @pytest.mark.slow
 def test_killed_during_a_real_save_resumes_from_the_previous(tmp_path, train_env):
     """A 1-process DeepSpeed run dies (os._exit) after DeepSpeed wrote step 4's files but before

@@ -173,16 +173,6 @@ def test_scheduler_drives_group_lrs():
 
 
 # ============================================================================= slow: real runs
-@pytest.fixture(scope="session")
-def train_env(tmp_path_factory):
-    """Environment for training subprocesses; one data cache per test session (shared with
-    test_checkpoint.py through the session's base temp dir, or $SCALEINV_CACHE when set)."""
-    cache = os.environ.get("SCALEINV_CACHE") or str(tmp_path_factory.getbasetemp() / "scaleinv_cache")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SCALEINV_TEST_")}
-    return {**env, "SCALEINV_CACHE": cache, "WANDB_MODE": "disabled",
-            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
