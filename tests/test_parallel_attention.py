@@ -295,6 +295,8 @@ def _keys(world: int):
     for cp, u, strategies in _topologies(world):
         for entry in strategies:
             for case in CASES:
+                if BACKEND == "triton" and case.dtype == "float64":
+                    continue  # the fused kernel takes 16-bit and fp32 inputs only
                 keys.append(f"W{world}/cp{cp}xU{u}/{entry}/{case.name}")
     return keys
 

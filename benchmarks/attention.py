@@ -1,0 +1,342 @@
+"""Attention kernels on one GPU: our fused Triton kernel against FlexAttention and SDPA.
+
+    python benchmarks/attention.py [--quick] [--n 4096,16384,65536] [--d 128,64] [--out PATH]
+                                   [--no-check] [--sweep]
+
+Times, in bf16, causal, on one GPU in one run: ours with the scale-invariant transform ("ours-si"),
+ours with transform="none" ("ours-off"), FlexAttention (compiled) with the same transform as a
+score_mod ("flex-si", t = q_idx - kv_idx) and plain causal ("flex"), SDPA flash and SDPA cuDNN.
+Forward alone and forward+backward are timed with triton.testing.do_bench (median); backward is
+the difference. FLOPs: forward 4 B H N^2 D / 2 (causal), backward 2.5x forward. B x H: 4 x 16 at
+N = 4k, 1 x 16 at 16k, 1 x 8 at 64k (other N: 16k/N x 16 up to 16k, else 1 x 8).
+
+Before timing, ours (bf16, through the public API with autograd) is checked against the float64
+reference (scaleinv_dist.attention_reference, on the GPU, B = 1, H = 2) at N up to 16k for every
+head dim: relative error ||x - ref|| / ||ref|| <= 1e-2 for out, dq, dk, dv.
+
+The table (with ratios ours-si / flex-si, ours-si / ours-off, ours-si / cuDNN) is printed, appended
+with date, card, versions and the command line to benchmarks/RESULTS.md (or --out), and written to
+$OUT/attention.md when the environment variable OUT is set. --sweep instead times a few tile
+configurations and Taylor degrees of our kernels alone (written to $OUT/attention_sweep.md).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _import_kernels():
+    """scaleinv_dist.kernels.flash_si, also from a checkout that is not pip-installed."""
+    try:
+        from scaleinv_dist.kernels import flash_si
+    except ImportError:
+        spec = importlib.util.spec_from_file_location(
+            "scaleinv_dist.kernels", ROOT / "kernels" / "__init__.py",
+            submodule_search_locations=[str(ROOT / "kernels")])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["scaleinv_dist.kernels"] = module
+        spec.loader.exec_module(module)
+        from scaleinv_dist.kernels import flash_si
+    return flash_si
+
+
+flash_si = _import_kernels()
+from scaleinv_dist import attention_reference  # noqa: E402
+from scaleinv_dist.attention import scale_invariant_attention  # noqa: E402
+
+TAU = 10.0
+CHECK_TOL = 1e-2
+IMPLS = ("ours-si", "ours-off", "flex-si", "flex", "sdpa-flash", "sdpa-cudnn")
+
+
+def shape_for(n: int) -> tuple[int, int]:
+    """(B, H) for sequence length n, as in the reference measurements."""
+    return {4096: (4, 16), 16384: (1, 16), 65536: (1, 8)}.get(
+        n, (max(1, 16384 // n), 16) if n <= 16384 else (1, 8))
+
+
+def fwd_flops(b, h, n, d):
+    return 4.0 * b * h * n * n * d / 2.0
+
+
+# ----------------------------------------------------------------------------- implementations
+def flex_fns(n, device):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def si_score_mod(score, b, h, q_idx, kv_idx):
+        t = (q_idx - kv_idx).clamp(min=0).to(torch.float32)
+        g = torch.log1p(t / TAU)
+        return torch.sqrt(1.0 + 2.0 * g) * score - 2.0 * g
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    mask = create_block_mask(causal, None, None, n, n, device=device)
+    compiled = torch.compile(flex_attention, dynamic=False)
+    return {"flex-si": lambda q, k, v: compiled(q, k, v, score_mod=si_score_mod, block_mask=mask),
+            "flex": lambda q, k, v: compiled(q, k, v, block_mask=mask)}
+
+
+def make_impls(n, device):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    pos = torch.arange(n, device=device)
+
+    def ours(transform):
+        return lambda q, k, v: scale_invariant_attention(q, k, v, pos, pos, tau=TAU,
+                                                         transform=transform, backend="triton")
+
+    def sdpa_with(backend):
+        def run(q, k, v):
+            with sdpa_kernel(backend):
+                return sdpa(q, k, v, is_causal=True)
+        return run
+
+    impls = {"ours-si": ours("scale_invariant"), "ours-off": ours("none")}
+    impls.update(flex_fns(n, device))
+    impls.update({"sdpa-flash": sdpa_with(SDPBackend.FLASH_ATTENTION),
+                  "sdpa-cudnn": sdpa_with(SDPBackend.CUDNN_ATTENTION)})
+    return impls
+
+
+# ----------------------------------------------------------------------------- correctness
+def rel_err(x, ref):
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def check_case(n, d, hq, hkv, q_pos, k_pos, device, seed):
+    """Relative errors of ours (bf16, autograd) against the float64 reference on the GPU."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    nq, nk = q_pos.numel(), k_pos.numel()
+    q = torch.randn(1, hq, nq, d, device=device, generator=g).bfloat16()
+    k = torch.randn(1, hkv, nk, d, device=device, generator=g).bfloat16()
+    v = torch.randn(1, hkv, nk, d, device=device, generator=g).bfloat16()
+    do = torch.randn(1, hq, nq, d, device=device, generator=g).bfloat16()
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    out = scale_invariant_attention(*leaves, q_pos, k_pos, tau=TAU, backend="triton")
+    out.backward(do)
+    opts = dict(scale=d ** -0.5, tau=TAU, causal=True, transform="scale_invariant")
+    qp, kp = q_pos[None], k_pos[None]
+    r_out, r_lse = attention_reference.forward(q.double(), k.double(), v.double(), qp, kp, **opts)
+    r_grads = attention_reference.backward(do.double(), q.double(), k.double(), v.double(),
+                                           r_out, r_lse, qp, kp, **opts)
+    return [rel_err(out, r_out)] + [rel_err(x.grad, r) for x, r in zip(leaves, r_grads)]
+
+
+def run_checks(ns, dims, device):
+    rows = []
+    for d in dims:
+        for n in ns:
+            pos = torch.arange(n, device=device)
+            rows.append((f"contiguous N={n}", d, check_case(n, d, 2, 2, pos, pos, device, n + d)))
+        n = min(ns)  # a zigzag shard with GQA: queries hold chunks 0 and 3 of 4
+        chunks = torch.arange(n, device=device).view(4, n // 4)
+        q_pos = torch.cat([chunks[0], chunks[3]])
+        k_pos = torch.cat([chunks[2], chunks[0], chunks[3], chunks[1]])
+        rows.append((f"zigzag GQA 4/2 Nq={n // 2} Nk={n}", d,
+                     check_case(n, d, 4, 2, q_pos, k_pos, device, 7 * d)))
+    lines = ["| check (bf16 vs float64, scale_invariant) | D | out | dq | dk | dv | ok |",
+             "|---|---|---|---|---|---|---|"]
+    ok_all = True
+    for name, d, errs in rows:
+        ok = all(e <= CHECK_TOL for e in errs)
+        ok_all &= ok
+        lines.append(f"| {name} | {d} | " + " | ".join(f"{e:.2e}" for e in errs)
+                     + f" | {'yes' if ok else 'NO'} |")
+    return lines, ok_all
+
+
+# ----------------------------------------------------------------------------- timing
+def bench(fn, q, k, v, do, rep):
+    from triton.testing import do_bench
+
+    with torch.no_grad():
+        t_fwd = do_bench(lambda: fn(q, k, v), warmup=max(25, rep // 4), rep=rep,
+                         return_mode="median")
+    t_all = do_bench(lambda: fn(q, k, v).backward(do), warmup=max(25, rep // 4), rep=rep,
+                     grad_to_none=[q, k, v], return_mode="median")
+    return t_fwd, t_all - t_fwd
+
+
+def run_timing(ns, dims, device, rep):
+    results = {}
+    for d in dims:
+        for n in ns:
+            b, h = shape_for(n)
+            g = torch.Generator(device=device).manual_seed(n + d)
+            q, k, v, do = (torch.randn(b, h, n, d, device=device, generator=g,
+                                       dtype=torch.bfloat16) for _ in range(4))
+            for x in (q, k, v):
+                x.requires_grad_(True)
+            for name, fn in make_impls(n, device).items():
+                try:
+                    results[(d, n, name)] = bench(fn, q, k, v, do, rep)
+                except Exception as err:  # an unavailable backend is reported, not fatal
+                    print(f"{name} D={d} N={n}: {type(err).__name__}: {str(err)[:200]}")
+                    results[(d, n, name)] = None
+                torch.cuda.empty_cache()
+                print(f"timed {name} D={d} N={n}: {results[(d, n, name)]}", flush=True)
+    return results
+
+
+def timing_table(results, ns, dims):
+    lines = ["| D | N (BxH) | impl | fwd ms | bwd ms | fwd TFLOP/s | bwd TFLOP/s |",
+             "|---|---|---|---|---|---|---|"]
+    ratios = ["| D | N | fwd ours-si/flex-si | bwd ours-si/flex-si | fwd ours-si/ours-off | "
+              "bwd ours-si/ours-off | fwd ours-si/cuDNN | bwd ours-si/cuDNN |",
+              "|---|---|---|---|---|---|---|---|"]
+    for d in dims:
+        for n in ns:
+            b, h = shape_for(n)
+            flops = fwd_flops(b, h, n, d)
+            for name in IMPLS:
+                r = results.get((d, n, name))
+                if r is None:
+                    lines.append(f"| {d} | {n} ({b}x{h}) | {name} | n/a | n/a | n/a | n/a |")
+                    continue
+                f_ms, b_ms = r
+                lines.append(f"| {d} | {n} ({b}x{h}) | {name} | {f_ms:.3f} | {b_ms:.3f} | "
+                             f"{flops / f_ms / 1e9:.0f} | {2.5 * flops / b_ms / 1e9:.0f} |")
+
+            def ratio(other, i):
+                a, o = results.get((d, n, "ours-si")), results.get((d, n, other))
+                return "n/a" if a is None or o is None else f"{o[i] / a[i]:.2f}"
+
+            ratios.append(f"| {d} | {n} | " + " | ".join(
+                ratio(o, i) for o in ("flex-si", "ours-off", "sdpa-cudnn") for i in (0, 1)) + " |")
+    return lines + [""] + ["Speed ratios (higher is better for ours; ours-si/ours-off = time "
+                           "of ours-off / time of ours-si):", ""] + ratios
+
+
+# ----------------------------------------------------------------------------- sweep
+SWEEP = {  # the first entry of each list is the module's default
+    128: dict(fwd=[(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 2)],
+              bwd=[(64, 128, 128, 64, 8, 3), (32, 128, 128, 64, 8, 3)]),
+    64: dict(fwd=[(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3)],
+             bwd=[(64, 128, 128, 64, 8, 3), (32, 128, 128, 64, 8, 3)]),
+}
+
+
+def run_sweep(n, d, device, rep):
+    """Times our forward and backward kernels alone for a few tiles and Taylor degrees."""
+    from triton.testing import do_bench
+
+    b, h = shape_for(n)
+    g = torch.Generator(device=device).manual_seed(1)
+    q, k, v, do = (torch.randn(b, h, n, d, device=device, generator=g, dtype=torch.bfloat16)
+                   for _ in range(4))
+    pos = torch.arange(n, device=device).expand(b, n)
+    flops = fwd_flops(b, h, n, d)
+    base = (flash_si.FWD_CONFIGS[d], flash_si.BWD_CONFIGS[d], flash_si.POLY_DEGREE)
+    lines = [f"Sweep at N={n} ({b}x{h}), D={d}: TFLOP/s of our kernels alone",
+             "", "| transform | fwd config | bwd config | degree | fwd | bwd |",
+             "|---|---|---|---|---|---|"]
+    runs = [(f, base[1], base[2]) for f in SWEEP[d]["fwd"]]
+    runs += [(base[0], bw, base[2]) for bw in SWEEP[d]["bwd"][1:]]
+    runs += [(base[0], base[1], deg) for deg in (1, 3)]
+    for fwd_cfg, bwd_cfg, deg in runs:
+        flash_si.FWD_CONFIGS[d], flash_si.BWD_CONFIGS[d] = fwd_cfg, bwd_cfg
+        flash_si.POLY_DEGREE = deg
+        for transform in ("scale_invariant", "none"):
+            if deg != base[2] and transform == "none":
+                continue
+            opts = dict(scale=d ** -0.5, tau=TAU, causal=True, transform=transform)
+            try:
+                out, lse = flash_si.forward(q, k, v, pos, pos, **opts)
+                t_f = do_bench(lambda: flash_si.forward(q, k, v, pos, pos, **opts), rep=rep,
+                               return_mode="median")
+                t_b = do_bench(lambda: flash_si.backward(do, q, k, v, out, lse, pos, pos, **opts),
+                               rep=rep, return_mode="median")
+                cell = f"{flops / t_f / 1e9:.0f} | {2.5 * flops / t_b / 1e9:.0f}"
+            except Exception as err:
+                cell = f"failed: {type(err).__name__} {str(err)[:80]} | "
+            lines.append(f"| {transform} | {fwd_cfg} | {bwd_cfg} | {deg} | {cell} |")
+            print(lines[-1], flush=True)
+    flash_si.FWD_CONFIGS[d], flash_si.BWD_CONFIGS[d], flash_si.POLY_DEGREE = base
+    return lines + [""] + kernel_stats()
+
+
+def kernel_stats():
+    """Registers / spills / shared memory of every compiled variant of our two main kernels."""
+    lines = []
+    for fn in (flash_si._fwd_kernel, flash_si._bwd_kernel):
+        for entry in getattr(fn, "device_caches", {}).values():
+            cache = entry[0] if isinstance(entry, tuple) else entry
+            for kern in cache.values():
+                md = getattr(kern, "metadata", None)
+                stats = [("regs", kern, "n_regs"), ("spills", kern, "n_spills"),
+                         ("warps", md, "num_warps"), ("stages", md, "num_stages"),
+                         ("shared", md, "shared")]
+                lines.append(f"- {fn.__name__}: " + ", ".join(
+                    f"{name} {getattr(obj, attr, '?')}" for name, obj, attr in stats))
+    return lines
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="N = 4096 and 16384, D = 128, short reps")
+    ap.add_argument("--n", default="4096,16384,65536", help="comma-separated sequence lengths")
+    ap.add_argument("--d", default="128,64", help="comma-separated head dims")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"),
+                    help="markdown file the results are appended to")
+    ap.add_argument("--no-check", action="store_true", help="skip the float64 correctness check")
+    ap.add_argument("--sweep", action="store_true",
+                    help="time tile configs / Taylor degrees of our kernels at the first N, D")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/attention.py needs a CUDA GPU")
+    ns = [int(x) for x in args.n.split(",")]
+    dims = [int(x) for x in args.d.split(",")]
+    rep = 100
+    if args.quick:
+        ns, dims, rep = [n for n in ns if n <= 16384] or [4096], dims[:1], 50
+    device = torch.device("cuda")
+    card = torch.cuda.get_device_name()
+    import triton
+
+    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0]] + (argv or sys.argv[1:]))
+    head = (f"## {datetime.datetime.now():%Y-%m-%d %H:%M} — {card}, torch {torch.__version__}, "
+            f"triton {triton.__version__}\n\nCommand: `{command}`\n")
+    out_dir = os.environ.get("OUT")
+    if args.sweep:
+        lines = run_sweep(ns[0], dims[0], device, rep)
+        text = head + "\n" + "\n".join(lines) + "\n"
+        print(text)
+        if out_dir:
+            Path(out_dir, "attention_sweep.md").write_text(text)
+        return 0
+    sections = [head]
+    ok = True
+    if not args.no_check:
+        check_lines, ok = run_checks([n for n in ns if n <= 16384] or [4096], dims, device)
+        sections.append("\n".join(check_lines) + "\n")
+        print(sections[-1], flush=True)
+    results = run_timing(ns, dims, device, rep)
+    sections.append("\n".join(timing_table(results, ns, dims)) + "\n")
+    text = "\n".join(sections)
+    print(text)
+    out = Path(args.out)
+    if not out.exists():
+        out.write_text("# Attention benchmark results\n\nAppended by `benchmarks/attention.py` "
+                       "(see its docstring for the method). Newest last.\n\n")
+    with out.open("a") as f:
+        f.write(text + "\n")
+    if out_dir:
+        Path(out_dir, "attention.md").write_text(text)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,932 @@
+"""Fused Triton attention with the scale-invariant logit transform: backend "triton".
+
+Implements the two-function backend contract of `scaleinv_dist.attention_reference`:
+
+    forward(q, k, v, q_pos, k_pos, q_seg=None, k_seg=None, *, scale, tau, causal, transform,
+            alibi_slopes=None) -> out (B, Hq, Nq, D) in q.dtype, lse (B, Hq, Nq) fp32, natural log
+    backward(do, q, k, v, out, lse, q_pos, k_pos, q_seg=None, k_seg=None, *, <same keywords>)
+        -> dq, dk, dv in the dtypes of q, k, v
+
+q (B, Hq, Nq, D); k, v (B, Hkv, Nk, D) with Hq % Hkv == 0; positions (B, N) integers (token index,
+below 2**24); document ids (B, N) integers or None. With t = q_pos - k_pos (|.| if not causal)
+and S = scale * q.k the logit is L = a(t) S + m(t), a = sqrt(1 + 2 log(1 + t/tau)),
+m = -2 log(1 + t/tau).
+
+How it works (docs/kernel.md has the details and the error bound):
+- A pre-pass reduces positions and document ids to per-tile min/max and sorts every (row tile,
+  column tile) pair into four classes: skipped (fully masked), POLY (fully visible and far from
+  the diagonal: a(t), m(t) from a Taylor polynomial around the tile pair's centre distance),
+  FULL (fully visible: exact transform, no mask), PARTIAL (exact transform and element mask).
+  The main kernels run one homogeneous loop per class over compacted tile lists.
+- Everything is in the exp2 domain (logits times log2(e)); per-query terms are folded into the
+  running max / log-sum-exp so that they cost nothing per score element.
+- Backward: one launch; programs [0, n_kv_tiles) compute dk, dv for one key tile (looping over
+  the query heads of its GQA group), the others compute dq for one (query head, query tile).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+TRANSFORM_IDS = {"none": 0, "scale_invariant": 1, "alibi": 2}
+HEAD_DIMS = (16, 32, 64, 128)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Taylor degree of the far-from-diagonal path and the switch rule: a tile pair uses the polynomial
+# when span / (t_min + tau) < POLY_RATIO[POLY_DEGREE] (span = position range of the query tile plus
+# that of the key tile, t_min = smallest distance in the pair). poly_error_bound() gives the error.
+POLY_DEGREE = 2
+POLY_RATIO = {1: 1.0 / 32.0, 2: 1.0 / 8.0, 3: 1.0 / 4.0}
+
+# Hand-picked tiles for an H100, by head dim (16-bit inputs); fp32 inputs use the small ones.
+# forward: (BLOCK_M, BLOCK_N, num_warps, num_stages)
+# backward: (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_warps, num_stages); the dk/dv programs
+# hold BLOCK_N1 keys and walk BLOCK_M1 queries, the dq programs hold BLOCK_M2 queries.
+FWD_CONFIGS = {d: (128, 64, 8, 3) for d in HEAD_DIMS}
+BWD_CONFIGS = {d: (64, 128, 128, 64, 8, 3) for d in HEAD_DIMS}
+FWD_CONFIG_F32 = (64, 32, 4, 2)
+BWD_CONFIG_F32 = (32, 64, 64, 32, 4, 1)
+_LIST_CHUNK = 256
+
+
+# ============================================================================ elementwise helpers
+@triton.jit
+def _exp2(x, FAST: tl.constexpr):
+    if FAST:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.exp2(x)
+
+
+@triton.jit
+def _log2(x, FAST: tl.constexpr):
+    if FAST:
+        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.log2(x)
+
+
+@triton.jit
+def _sqrt(x, FAST: tl.constexpr):
+    if FAST:
+        return tl.inline_asm_elementwise("sqrt.approx.ftz.f32 $0, $1;", "=f,f", [x],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.sqrt(x)
+
+
+@triton.jit
+def _row_coeffs(P0, P1, P2, P3, r, DEG: tl.constexpr):
+    """b_m(r) with P(r - w) = sum_m b_m(r) w^m for P(z) = sum_n P_n z^n of degree DEG (<= 3)."""
+    if DEG == 1:
+        return P0 + P1 * r, -P1, 0.0, 0.0
+    elif DEG == 2:
+        return P0 + r * (P1 + r * P2), -(P1 + 2.0 * P2 * r), P2, 0.0
+    else:
+        return (P0 + r * (P1 + r * (P2 + r * P3)), -(P1 + r * (2.0 * P2 + 3.0 * P3 * r)),
+                P2 + 3.0 * P3 * r, -P3)
+
+
+@triton.jit
+def _horner(b0, b1, b2, b3, w, DEG: tl.constexpr, WITH_B0: tl.constexpr):
+    """sum_m b_m w^m (m >= 1 only unless WITH_B0): DEG FMAs per element with row-vector b_m."""
+    if DEG == 1:
+        acc = b1 * w
+    elif DEG == 2:
+        acc = (b2 * w + b1) * w
+    else:
+        acc = ((b3 * w + b2) * w + b1) * w
+    if WITH_B0:
+        acc = acc + b0
+    return acc
+
+
+@triton.jit
+def _si_poly(s, r, w, t0, st, c, tau, log2tau, DEG: tl.constexpr, FOLD_ROW: tl.constexpr,
+             FAST: tl.constexpr):
+    """Taylor-polynomial transform of a fully visible tile pair.
+
+    r (rows, 1), w (1, cols): row / column positions minus their tile centres; t0 >= 0: distance of
+    the centres; the distance of element (i, j) is t0 + st (r_i - w_j) with st = +-1.
+    Returns (L, A, R): exp2-domain logit minus 2 log2(tau) is L + R, R per row (0 unless FOLD_ROW);
+    A = dL/ds. Coefficients are exact derivatives at t0 (scalar code, once per tile pair).
+    """
+    u = t0 + tau
+    iu = 1.0 / u
+    iu2 = iu * iu
+    lu = _log2(u, FAST)
+    z = 1.0 + 2.0 * 0.6931471805599453 * (lu - log2tau)  # a(t0)^2
+    ia = tl.math.rsqrt(z)
+    ia2 = ia * ia
+    # Taylor coefficients in r - w of c a(t) and of log2(e) m(t) - 2 log2(tau)
+    A0 = c * z * ia
+    A1 = c * iu * ia * st
+    A2 = -0.5 * c * iu2 * ia * (1.0 + ia2)
+    A3 = c * iu2 * iu * ia * (2.0 + 3.0 * ia2 * (1.0 + ia2)) * (1.0 / 6.0) * st
+    M0 = -2.0 * lu
+    M1 = -2.0 * 1.4426950408889634 * iu * st
+    M2 = 1.4426950408889634 * iu2
+    M3 = -(2.0 / 3.0) * 1.4426950408889634 * iu2 * iu * st
+    a_0, a_1, a_2, a_3 = _row_coeffs(A0, A1, A2, A3, r, DEG)
+    m_0, m_1, m_2, m_3 = _row_coeffs(M0, M1, M2, M3, r, DEG)
+    A = _horner(a_0, a_1, a_2, a_3, w, DEG, True)
+    if FOLD_ROW:
+        return A * s + _horner(m_0, m_1, m_2, m_3, w, DEG, False), A, m_0
+    else:
+        return A * s + _horner(m_0, m_1, m_2, m_3, w, DEG, True), A, 0.0
+
+
+@triton.jit
+def _logits(s, rf, cf, rlo, rhi, clo, chi, c, tau, log2tau, K1, K0, slope,
+            TRANSFORM: tl.constexpr, CAUSAL: tl.constexpr, MODE: tl.constexpr, DEG: tl.constexpr,
+            FAST: tl.constexpr, ROWS_ARE_Q: tl.constexpr):
+    """(L, A, Rq) for one score tile s = q.k (rows x cols; rows are queries iff ROWS_ARE_Q).
+
+    rf (rows, 1), cf (1, cols): float positions; rlo..chi: float position bounds of the two tiles.
+    log2tau = log2(tau).
+    exp2-domain logit = L + Rq (+ 2 log2(tau) for scale_invariant), Rq along the query axis;
+    A = dL/ds. For "none" L = s (the caller scales by c). MODE 0: Taylor polynomial (fully visible
+    pairs only), 1: exact, fully visible, 2: exact with masked elements (kept finite).
+    """
+    if TRANSFORM == 0:
+        return s, c, 0.0
+    elif TRANSFORM == 2:
+        if CAUSAL:  # t = q - k on visible elements: a per-query term plus a per-key term
+            if ROWS_ARE_Q:
+                return s * c + slope * cf, c, -slope * rf
+            else:
+                return s * c + slope * rf, c, -slope * cf
+        else:
+            return s * c - slope * tl.abs(rf - cf), c, 0.0
+    else:
+        if MODE == 0:
+            rc = 0.5 * (rlo + rhi)
+            cc = 0.5 * (clo + chi)
+            if ROWS_ARE_Q:
+                d0 = rc - cc
+                orient = 1.0
+            else:
+                d0 = cc - rc
+                orient = -1.0
+            if CAUSAL:
+                sgn = 1.0
+            else:
+                sgn = tl.where(d0 > 0, 1.0, -1.0)
+            return _si_poly(s, rf - rc, cf - cc, sgn * d0, sgn * orient, c, tau, log2tau, DEG,
+                            ROWS_ARE_Q, FAST)
+        else:
+            if CAUSAL:
+                if ROWS_ARE_Q:
+                    y = (rf + tau) - cf
+                else:
+                    y = cf - (rf - tau)
+                if MODE == 2:
+                    y = tl.maximum(y, tau)
+            else:
+                y = tl.abs(rf - cf) + tau
+            lg = _log2(y, FAST)
+            A = _sqrt(lg * K1 + K0, FAST)
+            return A * s - 2.0 * lg, A, 0.0
+
+
+@triton.jit
+def _visible(qf, kf, qseg, kseg, ok, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr):
+    vis = ok
+    if CAUSAL:
+        vis = vis & (kf <= qf)
+    if HAS_SEG:
+        vis = vis & (qseg == kseg)
+    return vis
+
+
+# ============================================================================ pre-pass
+@triton.jit
+def _bounds_kernel(POS, SEG, BND, N, n_blocks, s_pos, s_seg,
+                   BLOCK: tl.constexpr, HAS_SEG: tl.constexpr):
+    """BND[b, blk] = (min pos, max pos, min seg, max seg) over one tile of BLOCK tokens."""
+    blk = tl.program_id(0)
+    b = tl.program_id(1)
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    pos = tl.load(POS + b * s_pos + offs, mask=ok, other=0)
+    out = BND + (b * n_blocks + blk) * 4
+    tl.store(out, tl.min(tl.where(ok, pos, 2147483647), 0))
+    tl.store(out + 1, tl.max(tl.where(ok, pos, -2147483647), 0))
+    if HAS_SEG:
+        seg = tl.load(SEG + b * s_seg + offs, mask=ok, other=0)
+        tl.store(out + 2, tl.min(tl.where(ok, seg, 2147483647), 0))
+        tl.store(out + 3, tl.max(tl.where(ok, seg, -2147483647), 0))
+
+
+@triton.jit
+def _classify(cols, CB, n_col, Ncol, rmin, rmax, rsmin, rsmax, r_full, tau, ratio,
+              CBLOCK: tl.constexpr, ROW_IS_Q: tl.constexpr, CAUSAL: tl.constexpr,
+              HAS_SEG: tl.constexpr, POLY: tl.constexpr):
+    """Class of each column tile against one row tile: 0 POLY, 1 FULL, 2 PARTIAL, 3 skip."""
+    ok = cols < n_col
+    cmin = tl.load(CB + cols * 4, mask=ok, other=0)
+    cmax = tl.load(CB + cols * 4 + 1, mask=ok, other=0)
+    if ROW_IS_Q:
+        qmin = rmin
+        qmax = rmax
+        kmin = cmin
+        kmax = cmax
+    else:
+        qmin = cmin
+        qmax = cmax
+        kmin = rmin
+        kmax = rmax
+    any_vis = ok
+    all_vis = r_full & ((cols + 1) * CBLOCK <= Ncol)
+    if CAUSAL:
+        any_vis = any_vis & (kmin <= qmax)
+        all_vis = all_vis & (kmax <= qmin)
+    if HAS_SEG:
+        csmin = tl.load(CB + cols * 4 + 2, mask=ok, other=0)
+        csmax = tl.load(CB + cols * 4 + 3, mask=ok, other=0)
+        any_vis = any_vis & (csmin <= rsmax) & (csmax >= rsmin)
+        all_vis = all_vis & (csmin == csmax) & (rsmin == rsmax) & (csmin == rsmin)
+    cls = tl.where(all_vis, 1, 2)
+    if POLY:
+        span = ((qmax - qmin) + (kmax - kmin)).to(tl.float32)
+        if CAUSAL:
+            tmin = qmin - kmax
+        else:
+            tmin = tl.where(kmax <= qmin, qmin - kmax, tl.where(kmin >= qmax, kmin - qmax, -1))
+        far = (tmin >= 0) & (span < ratio * (tmin.to(tl.float32) + tau))
+        cls = tl.where(all_vis & far, 0, cls)
+    return tl.where(any_vis, cls, 3)
+
+
+@triton.jit
+def _lists_kernel(RB, CB, LT, n_row, n_col, Nrow, Ncol, s_lt, tau, ratio,
+                  RBLOCK: tl.constexpr, CBLOCK: tl.constexpr, CHUNK: tl.constexpr,
+                  ROW_IS_Q: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
+                  POLY: tl.constexpr):
+    """For one row tile: the column tiles grouped by class (POLY, FULL, PARTIAL) and the counts.
+
+    LT[b] holds n_row lists of n_col int32 entries, then n_row records
+    (n_poly, n_full, n_partial, 0).
+    """
+    r = tl.program_id(0)
+    b = tl.program_id(1)
+    rb = RB + (b * n_row + r) * 4
+    rmin = tl.load(rb)
+    rmax = tl.load(rb + 1)
+    rsmin = rmin
+    rsmax = rmax
+    if HAS_SEG:
+        rsmin = tl.load(rb + 2)
+        rsmax = tl.load(rb + 3)
+    r_full = (r + 1) * RBLOCK <= Nrow
+    cb = CB + b * n_col * 4
+    n0 = r * 0
+    n1 = r * 0
+    n2 = r * 0
+    for c0 in range(0, n_col, CHUNK):
+        cls = _classify(c0 + tl.arange(0, CHUNK), cb, n_col, Ncol, rmin, rmax, rsmin, rsmax,
+                        r_full, tau, ratio, CBLOCK, ROW_IS_Q, CAUSAL, HAS_SEG, POLY)
+        n0 += tl.sum((cls == 0).to(tl.int32), 0)
+        n1 += tl.sum((cls == 1).to(tl.int32), 0)
+        n2 += tl.sum((cls == 2).to(tl.int32), 0)
+    cnt = LT + b * s_lt + n_row * n_col + r * 4
+    tl.store(cnt, n0)
+    tl.store(cnt + 1, n1)
+    tl.store(cnt + 2, n2)
+    tl.store(cnt + 3, r * 0)
+    out = LT + b * s_lt + r * n_col
+    o0 = r * 0
+    o1 = n0
+    o2 = n0 + n1
+    for c0 in range(0, n_col, CHUNK):
+        cols = c0 + tl.arange(0, CHUNK)
+        cls = _classify(cols, cb, n_col, Ncol, rmin, rmax, rsmin, rsmax,
+                        r_full, tau, ratio, CBLOCK, ROW_IS_Q, CAUSAL, HAS_SEG, POLY)
+        sel = (cls == 0).to(tl.int32)
+        tl.store(out + o0 + tl.cumsum(sel, 0) - 1, cols, mask=sel > 0)
+        o0 += tl.sum(sel, 0)
+        sel = (cls == 1).to(tl.int32)
+        tl.store(out + o1 + tl.cumsum(sel, 0) - 1, cols, mask=sel > 0)
+        o1 += tl.sum(sel, 0)
+        sel = (cls == 2).to(tl.int32)
+        tl.store(out + o2 + tl.cumsum(sel, 0) - 1, cols, mask=sel > 0)
+        o2 += tl.sum(sel, 0)
+
+
+# ============================================================================ forward
+@triton.jit
+def _fwd_loop(acc, l_i, m_i, q, qf, qseg, q_ok, qlo, qhi, Kh, Vh, KPF, KS, KB, lst, start, end,
+              sk_n, sk_d, sv_n, sv_d, Nk, c, tau, log2tau, K1, K0, slope,
+              BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, TRANSFORM: tl.constexpr,
+              CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, MODE: tl.constexpr,
+              DEG: tl.constexpr, FAST: tl.constexpr, F32: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Online softmax over the key tiles lst[start:end], all of class MODE."""
+    offs_d = tl.arange(0, HEAD_D)
+    for it in range(start, end):
+        j = tl.load(lst + it)
+        offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
+        k_ok = offs_n < Nk
+        k_ptrs = Kh + offs_n[:, None] * sk_n + offs_d[None, :] * sk_d
+        v_ptrs = Vh + offs_n[:, None] * sv_n + offs_d[None, :] * sv_d
+        if MODE == 2:
+            k = tl.load(k_ptrs, mask=k_ok[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        if F32:
+            k = k.to(tl.float32)
+        kf = tl.load(KPF + offs_n, mask=k_ok, other=0.0)[None, :]
+        klo = 0.0
+        khi = 0.0
+        if MODE == 0:
+            klo = tl.load(KB + j * 4).to(tl.float32)
+            khi = tl.load(KB + j * 4 + 1).to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        L, A, R = _logits(s, qf, kf, qlo, qhi, klo, khi, c, tau, log2tau, K1, K0, slope,
+                          TRANSFORM, CAUSAL, MODE, DEG, FAST, True)
+        if MODE == 2:
+            kseg = kf
+            if HAS_SEG:
+                kseg = tl.load(KS + offs_n, mask=k_ok, other=0)[None, :]
+            L = tl.where(_visible(qf, kf, qseg, kseg, q_ok & k_ok[None, :], CAUSAL, HAS_SEG),
+                         L, float("-inf"))
+        if TRANSFORM == 0:
+            m_new = tl.maximum(m_i, tl.max(L, 1, keep_dims=True) * c)
+        else:
+            m_new = tl.maximum(m_i, tl.max(L, 1, keep_dims=True) + R)
+        if MODE == 2:  # a row may have seen nothing yet
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_use = m_new
+        if TRANSFORM == 0:
+            p = _exp2(L * c - m_use, FAST)
+        else:
+            p = _exp2(L - (m_use - R), FAST)
+        alpha = _exp2(m_i - m_use, FAST)
+        l_i = l_i * alpha + tl.sum(p, 1, keep_dims=True)
+        if MODE == 2:
+            v = tl.load(v_ptrs, mask=k_ok[:, None], other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        if F32:
+            v = v.to(tl.float32)
+        acc = acc * alpha + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, QPF, KPF, QS, KS, SLOPES, QB, KB, LT, OUT, LSE,
+    sq_b, sq_h, sq_m, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
+    so_b, so_h, so_m, so_d, sp_q, sp_k, sb_q, sb_k, s_lt,
+    Nq, Nk, Hq, G, n_qb, n_kb, c, tau, log2tau, K1, K0, lse_offset,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
+    TRANSFORM: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
+    DEG: tl.constexpr, FAST: tl.constexpr, F32: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """One program: one query tile of one head. Grid (n_qb, B * Hq), late (heavy) tiles first."""
+    qt = n_qb - 1 - tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // G
+    offs_m = qt * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_D)
+    m_ok = offs_m < Nq
+    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_m + offs_d[None, :] * sq_d,
+                mask=m_ok[:, None], other=0.0)
+    if F32:
+        q = q.to(tl.float32)
+    qf = tl.load(QPF + b * sp_q + offs_m, mask=m_ok, other=0.0)[:, None]
+    qseg = qf
+    if HAS_SEG:
+        qseg = tl.load(QS + b * sp_q + offs_m, mask=m_ok, other=0)[:, None]
+    qlo = tl.load(QB + b * sb_q + qt * 4).to(tl.float32)
+    qhi = tl.load(QB + b * sb_q + qt * 4 + 1).to(tl.float32)
+    slope = 0.0
+    if TRANSFORM == 2:
+        slope = tl.load(SLOPES + h) * 1.4426950408889634
+    Kh = K + b * sk_b + hk * sk_h
+    Vh = V + b * sv_b + hk * sv_h
+    KPFb = KPF + b * sp_k
+    KSb = KS + b * sp_k
+    KBb = KB + b * sb_k
+    lst = LT + b * s_lt + qt * n_kb
+    cnt = LT + b * s_lt + n_qb * n_kb + qt * 4
+    e0 = tl.load(cnt)
+    e1 = e0 + tl.load(cnt + 1)
+    e2 = e1 + tl.load(cnt + 2)
+    m_i = tl.full([BLOCK_M, 1], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M, 1], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
+    if TRANSFORM == 1:
+        acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, qf, qseg, m_ok[:, None], qlo, qhi, Kh, Vh,
+                                  KPFb, KSb, KBb, lst, 0, e0, sk_n, sk_d, sv_n, sv_d, Nk,
+                                  c, tau, log2tau, K1, K0, slope, BLOCK_N, HEAD_D, TRANSFORM,
+                                  CAUSAL, HAS_SEG, 0, DEG, FAST, F32, DOT_PREC)
+    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, qf, qseg, m_ok[:, None], qlo, qhi, Kh, Vh,
+                              KPFb, KSb, KBb, lst, e0, e1, sk_n, sk_d, sv_n, sv_d, Nk,
+                              c, tau, log2tau, K1, K0, slope, BLOCK_N, HEAD_D, TRANSFORM, CAUSAL,
+                              HAS_SEG, 1, DEG, FAST, F32, DOT_PREC)
+    acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, qf, qseg, m_ok[:, None], qlo, qhi, Kh, Vh,
+                              KPFb, KSb, KBb, lst, e1, e2, sk_n, sk_d, sv_n, sv_d, Nk,
+                              c, tau, log2tau, K1, K0, slope, BLOCK_N, HEAD_D, TRANSFORM, CAUSAL,
+                              HAS_SEG, 2, DEG, FAST, F32, DOT_PREC)
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    tl.store(OUT + b * so_b + h * so_h + offs_m[:, None] * so_m + offs_d[None, :] * so_d,
+             (acc / l_safe).to(OUT.dtype.element_ty), mask=m_ok[:, None])
+    lse = tl.where(seen, (m_i + tl.log2(l_safe) + lse_offset) * 0.6931471805599453, float("-inf"))
+    tl.store(LSE + bh * Nq + offs_m[:, None], lse, mask=m_ok[:, None])
+
+
+# ============================================================================ backward
+@triton.jit
+def _bwd_pre_kernel(OUT, DO, LSE, DELTA, LSE2, so_b, so_h, so_m, so_d, sd_b, sd_h, sd_m, sd_d,
+                    sl_b, sl_h, sl_m, Nq, Hq, lse_offset, BLOCK: tl.constexpr,
+                    HEAD_D: tl.constexpr):
+    """DELTA = rowsum(dO * O) fp32; LSE2 = log2(e) lse - lse_offset (+inf where lse = -inf)."""
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // Hq
+    h = bh % Hq
+    offs_m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_D)
+    ok = offs_m < Nq
+    o = tl.load(OUT + b * so_b + h * so_h + offs_m[:, None] * so_m + offs_d[None, :] * so_d,
+                mask=ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + b * sd_b + h * sd_h + offs_m[:, None] * sd_m + offs_d[None, :] * sd_d,
+                 mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + bh * Nq + offs_m, tl.sum(o * do, 1), mask=ok)
+    lse = tl.load(LSE + b * sl_b + h * sl_h + offs_m * sl_m, mask=ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634 - lse_offset)
+    tl.store(LSE2 + bh * Nq + offs_m, lse2, mask=ok)
+
+
+@triton.jit
+def _bwd_dkdv_loop(dk, dv, k, v, kf, kseg, klo, khi, Qh, DOh, LSE2h, DELTAh, QPF, QS, QB,
+                   lst, start, end, sq_m, sq_d, sd_m, sd_d, Nq, c, tau, log2tau, K1, K0, slope,
+                   BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr,
+                   TRANSFORM: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
+                   MODE: tl.constexpr, DEG: tl.constexpr, FAST: tl.constexpr,
+                   F32: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Transposed tiles: rows are this program's keys, columns BLOCK_M queries of lst[start:end]."""
+    offs_d = tl.arange(0, HEAD_D)
+    for it in range(start, end):
+        i = tl.load(lst + it)
+        offs_m = i * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < Nq
+        q_ptrs = Qh + offs_m[:, None] * sq_m + offs_d[None, :] * sq_d
+        do_ptrs = DOh + offs_m[:, None] * sd_m + offs_d[None, :] * sd_d
+        if MODE == 2:
+            q = tl.load(q_ptrs, mask=m_ok[:, None], other=0.0)
+        else:
+            q = tl.load(q_ptrs)
+        if F32:
+            q = q.to(tl.float32)
+        qf = tl.load(QPF + offs_m, mask=m_ok, other=0.0)[None, :]
+        lse2 = tl.load(LSE2h + offs_m, mask=m_ok, other=float("inf"))[None, :]
+        qlo = 0.0
+        qhi = 0.0
+        if MODE == 0:
+            qlo = tl.load(QB + i * 4).to(tl.float32)
+            qhi = tl.load(QB + i * 4 + 1).to(tl.float32)
+        sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
+        L, A, R = _logits(sT, kf, qf, klo, khi, qlo, qhi, c, tau, log2tau, K1, K0, slope,
+                          TRANSFORM, CAUSAL, MODE, DEG, FAST, False)
+        if TRANSFORM == 0:
+            pT = _exp2(L * c - lse2, FAST)
+        else:
+            pT = _exp2(L - (lse2 - R), FAST)
+        if MODE == 2:
+            qseg = qf
+            if HAS_SEG:
+                qseg = tl.load(QS + offs_m, mask=m_ok, other=0)[None, :]
+            pT = tl.where(_visible(qf, kf, qseg, kseg, m_ok[None, :], CAUSAL, HAS_SEG), pT, 0.0)
+        if TRANSFORM == 1:
+            pA = pT * A  # dL/ds folded in now so that A dies early (register pressure)
+        else:
+            pA = pT
+        if MODE == 2:
+            do = tl.load(do_ptrs, mask=m_ok[:, None], other=0.0)
+        else:
+            do = tl.load(do_ptrs)
+        if F32:
+            do = do.to(tl.float32)
+        delta = tl.load(DELTAh + offs_m, mask=m_ok, other=0.0)[None, :]
+        dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        dk += tl.dot((pA * (dpT - delta)).to(q.dtype), q, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dq_loop(dq, q, do, lse2, delta, qf, qseg, q_ok, qlo, qhi, Kh, Vh, KPF, KS, KB,
+                 lst, start, end, sk_n, sk_d, sv_n, sv_d, Nk, c, tau, log2tau, K1, K0, slope,
+                 BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, TRANSFORM: tl.constexpr,
+                 CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, MODE: tl.constexpr,
+                 DEG: tl.constexpr, FAST: tl.constexpr, F32: tl.constexpr,
+                 DOT_PREC: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_D)
+    for it in range(start, end):
+        j = tl.load(lst + it)
+        offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
+        k_ok = offs_n < Nk
+        k_ptrs = Kh + offs_n[:, None] * sk_n + offs_d[None, :] * sk_d
+        v_ptrs = Vh + offs_n[:, None] * sv_n + offs_d[None, :] * sv_d
+        if MODE == 2:
+            k = tl.load(k_ptrs, mask=k_ok[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        if F32:
+            k = k.to(tl.float32)
+        kf = tl.load(KPF + offs_n, mask=k_ok, other=0.0)[None, :]
+        klo = 0.0
+        khi = 0.0
+        if MODE == 0:
+            klo = tl.load(KB + j * 4).to(tl.float32)
+            khi = tl.load(KB + j * 4 + 1).to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        L, A, R = _logits(s, qf, kf, qlo, qhi, klo, khi, c, tau, log2tau, K1, K0, slope,
+                          TRANSFORM, CAUSAL, MODE, DEG, FAST, True)
+        if TRANSFORM == 0:
+            p = _exp2(L * c - lse2, FAST)
+        else:
+            p = _exp2(L - (lse2 - R), FAST)
+        if MODE == 2:
+            kseg = kf
+            if HAS_SEG:
+                kseg = tl.load(KS + offs_n, mask=k_ok, other=0)[None, :]
+            p = tl.where(_visible(qf, kf, qseg, kseg, q_ok & k_ok[None, :], CAUSAL, HAS_SEG),
+                         p, 0.0)
+        if TRANSFORM == 1:
+            p = p * A
+        if MODE == 2:
+            v = tl.load(v_ptrs, mask=k_ok[:, None], other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        if F32:
+            v = v.to(tl.float32)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        dq += tl.dot((p * (dp - delta)).to(k.dtype), k, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _bwd_kernel(
+    Q, K, V, DO, DQ, DK, DV, LSE2, DELTA, QPF, KPF, QS, KS, SLOPES,
+    QB1, KB1, LT1, QB2, KB2, LT2,
+    sq_b, sq_h, sq_m, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
+    sd_b, sd_h, sd_m, sd_d, sp_q, sp_k, sb_q1, sb_k1, sl_1, sb_q2, sb_k2, sl_2,
+    Nq, Nk, Hq, Hkv, G, n_kb1, n_qb1, n_qb2, n_kb2, c, tau, log2tau, K1, K0, grad_scale,
+    BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr,
+    BLOCK_N2: tl.constexpr, HEAD_D: tl.constexpr, TRANSFORM: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, DEG: tl.constexpr, FAST: tl.constexpr,
+    F32: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Grid (n_kb1 + G * n_qb2, B * Hkv): dk/dv programs (one key tile, all G query heads of the
+    group) first, then dq programs (one query tile of one head), late query tiles first.
+
+    DQ, DK, DV are contiguous like q, k, v; LSE2 and DELTA are (B, Hq, Nq) fp32.
+    """
+    pid = tl.program_id(0)
+    bhk = tl.program_id(1).to(tl.int64)
+    b = bhk // Hkv
+    hk = bhk % Hkv
+    offs_d = tl.arange(0, HEAD_D)
+    QPFb = QPF + b * sp_q
+    QSb = QS + b * sp_q
+    KPFb = KPF + b * sp_k
+    KSb = KS + b * sp_k
+    if pid < n_kb1:
+        kt = pid
+        offs_n = kt * BLOCK_N1 + tl.arange(0, BLOCK_N1)
+        n_ok = offs_n < Nk
+        k = tl.load(K + b * sk_b + hk * sk_h + offs_n[:, None] * sk_n + offs_d[None, :] * sk_d,
+                    mask=n_ok[:, None], other=0.0)
+        v = tl.load(V + b * sv_b + hk * sv_h + offs_n[:, None] * sv_n + offs_d[None, :] * sv_d,
+                    mask=n_ok[:, None], other=0.0)
+        if F32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        kf = tl.load(KPFb + offs_n, mask=n_ok, other=0.0)[:, None]
+        kseg = kf
+        if HAS_SEG:
+            kseg = tl.load(KSb + offs_n, mask=n_ok, other=0)[:, None]
+        klo = tl.load(KB1 + b * sb_k1 + kt * 4).to(tl.float32)
+        khi = tl.load(KB1 + b * sb_k1 + kt * 4 + 1).to(tl.float32)
+        lst = LT1 + b * sl_1 + kt * n_qb1
+        cnt = LT1 + b * sl_1 + n_kb1 * n_qb1 + kt * 4
+        e0 = tl.load(cnt)
+        e1 = e0 + tl.load(cnt + 1)
+        e2 = e1 + tl.load(cnt + 2)
+        dk = tl.zeros([BLOCK_N1, HEAD_D], tl.float32)
+        dv = tl.zeros([BLOCK_N1, HEAD_D], tl.float32)
+        for g in range(0, G):
+            h = hk * G + g
+            Qh = Q + b * sq_b + h * sq_h
+            DOh = DO + b * sd_b + h * sd_h
+            LSE2h = LSE2 + (b * Hq + h) * Nq
+            DELTAh = DELTA + (b * Hq + h) * Nq
+            slope = 0.0
+            if TRANSFORM == 2:
+                slope = tl.load(SLOPES + h) * 1.4426950408889634
+            if TRANSFORM == 1:
+                dk, dv = _bwd_dkdv_loop(dk, dv, k, v, kf, kseg, klo, khi, Qh, DOh, LSE2h, DELTAh,
+                                        QPFb, QSb, QB1 + b * sb_q1, lst, 0, e0, sq_m, sq_d, sd_m,
+                                        sd_d, Nq, c, tau, log2tau, K1, K0, slope, BLOCK_M1, HEAD_D,
+                                        TRANSFORM, CAUSAL, HAS_SEG, 0, DEG, FAST, F32, DOT_PREC)
+            dk, dv = _bwd_dkdv_loop(dk, dv, k, v, kf, kseg, klo, khi, Qh, DOh, LSE2h, DELTAh,
+                                    QPFb, QSb, QB1 + b * sb_q1, lst, e0, e1, sq_m, sq_d, sd_m,
+                                    sd_d, Nq, c, tau, log2tau, K1, K0, slope, BLOCK_M1, HEAD_D,
+                                    TRANSFORM, CAUSAL, HAS_SEG, 1, DEG, FAST, F32, DOT_PREC)
+            dk, dv = _bwd_dkdv_loop(dk, dv, k, v, kf, kseg, klo, khi, Qh, DOh, LSE2h, DELTAh,
+                                    QPFb, QSb, QB1 + b * sb_q1, lst, e1, e2, sq_m, sq_d, sd_m,
+                                    sd_d, Nq, c, tau, log2tau, K1, K0, slope, BLOCK_M1, HEAD_D,
+                                    TRANSFORM, CAUSAL, HAS_SEG, 2, DEG, FAST, F32, DOT_PREC)
+        kv_off = (bhk * Nk + offs_n[:, None]) * HEAD_D + offs_d[None, :]
+        tl.store(DK + kv_off, (dk * grad_scale).to(DK.dtype.element_ty), mask=n_ok[:, None])
+        tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=n_ok[:, None])
+    else:
+        off = pid - n_kb1
+        g = off // n_qb2
+        qt = n_qb2 - 1 - off % n_qb2
+        h = hk * G + g
+        offs_m = qt * BLOCK_M2 + tl.arange(0, BLOCK_M2)
+        m_ok = offs_m < Nq
+        q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_m + offs_d[None, :] * sq_d,
+                    mask=m_ok[:, None], other=0.0)
+        do = tl.load(DO + b * sd_b + h * sd_h + offs_m[:, None] * sd_m + offs_d[None, :] * sd_d,
+                     mask=m_ok[:, None], other=0.0)
+        if F32:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse2 = tl.load(LSE2 + (b * Hq + h) * Nq + offs_m, mask=m_ok, other=float("inf"))[:, None]
+        delta = tl.load(DELTA + (b * Hq + h) * Nq + offs_m, mask=m_ok, other=0.0)[:, None]
+        qf = tl.load(QPFb + offs_m, mask=m_ok, other=0.0)[:, None]
+        qseg = qf
+        if HAS_SEG:
+            qseg = tl.load(QSb + offs_m, mask=m_ok, other=0)[:, None]
+        qlo = tl.load(QB2 + b * sb_q2 + qt * 4).to(tl.float32)
+        qhi = tl.load(QB2 + b * sb_q2 + qt * 4 + 1).to(tl.float32)
+        slope = 0.0
+        if TRANSFORM == 2:
+            slope = tl.load(SLOPES + h) * 1.4426950408889634
+        Kh = K + b * sk_b + hk * sk_h
+        Vh = V + b * sv_b + hk * sv_h
+        lst = LT2 + b * sl_2 + qt * n_kb2
+        cnt = LT2 + b * sl_2 + n_qb2 * n_kb2 + qt * 4
+        e0 = tl.load(cnt)
+        e1 = e0 + tl.load(cnt + 1)
+        e2 = e1 + tl.load(cnt + 2)
+        dq = tl.zeros([BLOCK_M2, HEAD_D], tl.float32)
+        if TRANSFORM == 1:
+            dq = _bwd_dq_loop(dq, q, do, lse2, delta, qf, qseg, m_ok[:, None], qlo, qhi, Kh, Vh,
+                              KPFb, KSb, KB2 + b * sb_k2, lst, 0, e0, sk_n, sk_d, sv_n, sv_d, Nk,
+                              c, tau, log2tau, K1, K0, slope, BLOCK_N2, HEAD_D, TRANSFORM, CAUSAL,
+                              HAS_SEG, 0, DEG, FAST, F32, DOT_PREC)
+        dq = _bwd_dq_loop(dq, q, do, lse2, delta, qf, qseg, m_ok[:, None], qlo, qhi, Kh, Vh,
+                          KPFb, KSb, KB2 + b * sb_k2, lst, e0, e1, sk_n, sk_d, sv_n, sv_d, Nk,
+                          c, tau, log2tau, K1, K0, slope, BLOCK_N2, HEAD_D, TRANSFORM, CAUSAL,
+                          HAS_SEG, 1, DEG, FAST, F32, DOT_PREC)
+        dq = _bwd_dq_loop(dq, q, do, lse2, delta, qf, qseg, m_ok[:, None], qlo, qhi, Kh, Vh,
+                          KPFb, KSb, KB2 + b * sb_k2, lst, e1, e2, sk_n, sk_d, sv_n, sv_d, Nk,
+                          c, tau, log2tau, K1, K0, slope, BLOCK_N2, HEAD_D, TRANSFORM, CAUSAL,
+                          HAS_SEG, 2, DEG, FAST, F32, DOT_PREC)
+        q_off = ((b * Hq + h) * Nq + offs_m[:, None]) * HEAD_D + offs_d[None, :]
+        tl.store(DQ + q_off, (dq * grad_scale).to(DQ.dtype.element_ty), mask=m_ok[:, None])
+
+
+# ============================================================================ test probe
+@triton.jit
+def _probe_kernel(S, QP, KP, OUT, c, tau, log2tau, K1, K0, lse_offset,
+                  BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, MODE: tl.constexpr,
+                  DEG: tl.constexpr, ROWS_ARE_Q: tl.constexpr):
+    """OUT = natural-log logits of one (BM x BN) tile as the attention kernels compute them."""
+    offs_m = tl.arange(0, BM)
+    offs_n = tl.arange(0, BN)
+    s = tl.load(S + offs_m[:, None] * BN + offs_n[None, :])
+    rp = tl.load(QP + offs_m)
+    cp = tl.load(KP + offs_n)
+    L, A, R = _logits(s, rp.to(tl.float32)[:, None], cp.to(tl.float32)[None, :],
+                      tl.min(rp, 0).to(tl.float32), tl.max(rp, 0).to(tl.float32),
+                      tl.min(cp, 0).to(tl.float32), tl.max(cp, 0).to(tl.float32),
+                      c, tau, log2tau, K1, K0, 0.0, 1, CAUSAL, MODE, DEG, False, ROWS_ARE_Q)
+    tl.store(OUT + offs_m[:, None] * BN + offs_n[None, :],
+             (L + R + lse_offset) * 0.6931471805599453)
+
+
+# ============================================================================ host side
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _check(q, k, v, transform, alibi_slopes) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor (batch, heads, tokens, head_dim)")
+        if x.dtype not in DTYPES:
+            raise TypeError(f"triton attention supports float16, bfloat16 and float32 inputs; "
+                            f"{name} is {x.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    d = q.shape[-1]
+    if d not in HEAD_DIMS or k.shape[-1] != d or v.shape[-1] != d:
+        raise ValueError(f"triton attention supports head dims {HEAD_DIMS} (same for q, k, v); "
+                         f"got q {q.shape[-1]}, k {k.shape[-1]}, v {v.shape[-1]}")
+    if q.shape[1] % k.shape[1] or k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0]:
+        raise ValueError(f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do "
+                         f"not fit (B, Hq, Nq, D), (B, Hkv, Nk, D) with Hq % Hkv == 0")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+    if q.device.type != "cuda" and not (q.device.type == "cpu" and _interpret()):
+        raise ValueError(f"triton attention needs CUDA tensors (CPU only under "
+                         f"TRITON_INTERPRET=1); "
+                         f"got device {q.device}")
+    if transform not in TRANSFORM_IDS:
+        raise ValueError(f"unknown transform {transform!r}; choose one of {tuple(TRANSFORM_IDS)}")
+    if transform == "alibi" and (alibi_slopes is None or alibi_slopes.numel() != q.shape[1]):
+        raise ValueError(f"transform='alibi' needs alibi_slopes with one slope per query head "
+                         f"({q.shape[1]})")
+
+
+class _Tokens:
+    """Positions (int32 and float32) and document ids as (rows, N); rows = 1 when all are shared
+    across the batch (a stride-0 or size-1 batch dim), else B."""
+
+    def __init__(self, q_pos, k_pos, q_seg, k_seg, batch, device):
+        if (q_seg is None) != (k_seg is None):
+            raise ValueError("pass both q_seg and k_seg (document ids) or neither")
+        items = [q_pos, k_pos] + ([] if q_seg is None else [q_seg, k_seg])
+        for x in items:
+            if x.dim() != 2 or x.shape[0] not in (1, batch):
+                raise ValueError(f"positions and document ids must be (B, N); got {tuple(x.shape)}")
+        shared = all(x.shape[0] == 1 or x.stride(0) == 0 for x in items)
+        self.rows = 1 if shared else batch
+
+        def prep(x):
+            x = x[:1] if shared else x.expand(batch, -1)
+            return x.to(device=device, dtype=torch.int32).contiguous()
+
+        self.qp, self.kp = prep(q_pos), prep(k_pos)
+        self.qpf, self.kpf = self.qp.float(), self.kp.float()  # exact below 2**24
+        self.has_seg = q_seg is not None
+        self.qs, self.ks = (prep(q_seg), prep(k_seg)) if self.has_seg else (self.qp, self.kp)
+        self.sq = 0 if shared else self.qp.shape[1]  # batch strides seen by the main kernels
+        self.sk = 0 if shared else self.kp.shape[1]
+
+    def bounds(self, query: bool, block: int) -> tuple[torch.Tensor, int]:
+        """(rows, n_tiles, 4) int32 per-tile (min, max) of positions and of document ids."""
+        pos, seg = (self.qp, self.qs) if query else (self.kp, self.ks)
+        n = pos.shape[1]
+        n_tiles = triton.cdiv(n, block)
+        bnd = torch.zeros((self.rows, n_tiles, 4), dtype=torch.int32, device=pos.device)
+        _bounds_kernel[(n_tiles, self.rows)](pos, seg, bnd, n, n_tiles, n, n, BLOCK=block,
+                                             HAS_SEG=self.has_seg)
+        return bnd, (0 if self.rows == 1 else n_tiles * 4)
+
+    def lists(self, rb, cb, n_rowtok, n_coltok, rblock, cblock, row_is_q, causal, poly, tau):
+        """Tile lists by class for rows rb against columns cb; returns (buffer, batch stride)."""
+        n_row, n_col = rb.shape[1], cb.shape[1]
+        size = n_row * (n_col + 4)
+        lt = torch.empty((self.rows, size), dtype=torch.int32, device=rb.device)
+        _lists_kernel[(n_row, self.rows)](
+            rb, cb, lt, n_row, n_col, n_rowtok, n_coltok, size, float(tau),
+            POLY_RATIO[POLY_DEGREE], RBLOCK=rblock, CBLOCK=cblock, CHUNK=_LIST_CHUNK,
+            ROW_IS_Q=row_is_q, CAUSAL=causal, HAS_SEG=self.has_seg, POLY=poly)
+        return lt, (0 if self.rows == 1 else size)
+
+
+def _constants(scale: float, tau: float) -> dict:
+    """exp2-domain constants: c = scale log2(e); c a(t) = sqrt(K1 log2(t + tau) + K0)."""
+    c = scale * LOG2E
+    return dict(c=c, tau=float(tau), log2tau=math.log2(tau), K1=2.0 * LN2 * c * c,
+                K0=c * c * (1.0 - 2.0 * math.log(tau)))
+
+
+def _lse_offset(transform: str, tau: float) -> float:
+    """The kernels' scale_invariant logits omit the constant 2 log2(tau) (added back to lse)."""
+    return 2.0 * math.log2(tau) if transform == "scale_invariant" else 0.0
+
+
+def _flags(q):
+    interp = _interpret()
+    f32 = q.dtype == torch.float32
+    return dict(FAST=not interp, F32=interp, DOT_PREC="ieee" if f32 else "tf32")
+
+
+def _slopes(alibi_slopes, q, transform, fallback):
+    if transform != "alibi":
+        return fallback
+    return alibi_slopes.to(device=q.device, dtype=torch.float32).contiguous()
+
+
+def forward(q, k, v, q_pos, k_pos, q_seg=None, k_seg=None, *, scale, tau, causal, transform,
+            alibi_slopes=None):
+    """out (B, Hq, Nq, D) in q.dtype and lse (B, Hq, Nq) float32 (natural log; -inf: no key)."""
+    _check(q, k, v, transform, alibi_slopes)
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    tok = _Tokens(q_pos, k_pos, q_seg, k_seg, b, q.device)
+    bm, bn, warps, stages = FWD_CONFIG_F32 if q.dtype == torch.float32 else FWD_CONFIGS[d]
+    tid = TRANSFORM_IDS[transform]
+    qb, sb_q = tok.bounds(True, bm)
+    kb, sb_k = tok.bounds(False, bn)
+    lt, s_lt = tok.lists(qb, kb, nq, nk, bm, bn, True, causal, tid == 1, tau)
+    out = torch.empty((b, hq, nq, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, hq, nq), dtype=torch.float32, device=q.device)
+    n_qb, n_kb = qb.shape[1], kb.shape[1]
+    _fwd_kernel[(n_qb, b * hq)](
+        q, k, v, tok.qpf, tok.kpf, tok.qs, tok.ks, _slopes(alibi_slopes, q, transform, lse),
+        qb, kb, lt, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        tok.sq, tok.sk, sb_q, sb_k, s_lt, nq, nk, hq, hq // hkv, n_qb, n_kb,
+        **_constants(scale, tau), lse_offset=_lse_offset(transform, tau), BLOCK_M=bm, BLOCK_N=bn,
+        HEAD_D=d, TRANSFORM=tid,
+        CAUSAL=bool(causal), HAS_SEG=tok.has_seg, DEG=POLY_DEGREE, **_flags(q),
+        num_warps=warps, num_stages=stages)
+    return out, lse
+
+
+def backward(do, q, k, v, out, lse, q_pos, k_pos, q_seg=None, k_seg=None, *, scale, tau, causal,
+             transform, alibi_slopes=None):
+    """dq, dk, dv (dtypes of q, k, v) of this block, given the (possibly global) out and lse."""
+    _check(q, k, v, transform, alibi_slopes)
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    do = do.to(q.dtype)
+    lse = lse.to(device=q.device, dtype=torch.float32)
+    tok = _Tokens(q_pos, k_pos, q_seg, k_seg, b, q.device)
+    bm1, bn1, bm2, bn2, warps, stages = (BWD_CONFIG_F32 if q.dtype == torch.float32
+                                         else BWD_CONFIGS[d])
+    tid = TRANSFORM_IDS[transform]
+    delta = torch.empty((b, hq, nq), dtype=torch.float32, device=q.device)
+    lse2 = torch.empty_like(delta)
+    _bwd_pre_kernel[(triton.cdiv(nq, 64), b * hq)](
+        out, do, lse, delta, lse2, *out.stride(), *do.stride(), *lse.stride(), nq, hq,
+        _lse_offset(transform, tau), BLOCK=64, HEAD_D=d)
+    qb1, sb_q1 = tok.bounds(True, bm1)
+    kb1, sb_k1 = tok.bounds(False, bn1)
+    qb2, sb_q2 = (qb1, sb_q1) if bm2 == bm1 else tok.bounds(True, bm2)
+    kb2, sb_k2 = (kb1, sb_k1) if bn2 == bn1 else tok.bounds(False, bn2)
+    lt1, s_lt1 = tok.lists(kb1, qb1, nk, nq, bn1, bm1, False, causal, tid == 1, tau)
+    lt2, s_lt2 = tok.lists(qb2, kb2, nq, nk, bm2, bn2, True, causal, tid == 1, tau)
+    dq = torch.empty((b, hq, nq, d), dtype=q.dtype, device=q.device)
+    dk = torch.empty((b, hkv, nk, d), dtype=k.dtype, device=q.device)
+    dv = torch.empty((b, hkv, nk, d), dtype=v.dtype, device=q.device)
+    n_kb1, n_qb1, n_qb2, n_kb2 = kb1.shape[1], qb1.shape[1], qb2.shape[1], kb2.shape[1]
+    _bwd_kernel[(n_kb1 + g * n_qb2, b * hkv)](
+        q, k, v, do, dq, dk, dv, lse2, delta, tok.qpf, tok.kpf, tok.qs, tok.ks,
+        _slopes(alibi_slopes, q, transform, delta), qb1, kb1, lt1, qb2, kb2, lt2,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), tok.sq, tok.sk,
+        sb_q1, sb_k1, s_lt1, sb_q2, sb_k2, s_lt2, nq, nk, hq, hkv, g, n_kb1, n_qb1, n_qb2, n_kb2,
+        **_constants(scale, tau), grad_scale=LN2 if tid == 1 else float(scale),
+        BLOCK_M1=bm1, BLOCK_N1=bn1, BLOCK_M2=bm2, BLOCK_N2=bn2, HEAD_D=d, TRANSFORM=tid,
+        CAUSAL=bool(causal), HAS_SEG=tok.has_seg, DEG=POLY_DEGREE, **_flags(q),
+        num_warps=warps, num_stages=stages)
+    return dq, dk, dv
+
+
+# ============================================================================ error bound, probe
+def poly_error_bound(span: float, t_min: float, tau: float, score_max: float,
+                     degree: int | None = None) -> float:
+    """Worst-case |L_poly - L| (natural-log units) on a tile pair evaluated by the polynomial.
+
+    span: query position range plus key position range of the pair; t_min >= 0: its smallest
+    distance; score_max: bound on |S| = |scale q.k|. Lagrange remainder of the Taylor expansion
+    around the centre distance t_min + span/2 with |x| <= span/2 (docs/kernel.md). degree
+    defaults to POLY_DEGREE.
+    """
+    degree = POLY_DEGREE if degree is None else degree
+    rho = span / (2.0 * (t_min + tau))
+    ia = 1.0 / math.sqrt(1.0 + 2.0 * math.log1p(t_min / tau))
+    k_next = {2: ia + ia**3,
+              3: 2 * ia + 3 * ia**3 + 3 * ia**5,
+              4: 6 * ia + 11 * ia**3 + 18 * ia**5 + 15 * ia**7}[degree + 1]
+    a_term = k_next / math.factorial(degree + 1) * score_max
+    return rho ** (degree + 1) * (2.0 / (degree + 1) + a_term)
+
+
+def transform_logits(scores, row_pos, col_pos, *, scale, tau, causal, poly, rows_are_q=True):
+    """Logits a(t) S + m(t) (natural log) of one tile as the kernels compute them (for tests).
+
+    scores (BM, BN) = q.k; row_pos (BM,), col_pos (BN,) integer positions of the rows and columns;
+    BM, BN powers of two. Rows are queries if rows_are_q (forward and dq programs), else keys (dk/dv
+    programs). poly=True takes the Taylor path (every pair must be visible), else the exact one.
+    """
+    bm, bn = scores.shape
+    out = torch.empty((bm, bn), dtype=torch.float32, device=scores.device)
+    _probe_kernel[(1,)](scores.float().contiguous(), row_pos.to(torch.int32).contiguous(),
+                        col_pos.to(torch.int32).contiguous(), out, **_constants(scale, tau),
+                        lse_offset=_lse_offset("scale_invariant", tau), BM=bm, BN=bn,
+                        CAUSAL=bool(causal), MODE=0 if poly else 1, DEG=POLY_DEGREE,
+                        ROWS_ARE_Q=rows_are_q)
+    return out
