@@ -58,6 +58,23 @@ def check_inputs(q, k, v, transform: str, backend: str) -> None:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
 
 
+def prepare_inputs(q, k, v, q_pos, k_pos, q_seg, k_seg, *, transform: str, backend: str, alibi_slopes):
+    """Check q/k/v and the options; positions and document ids as (B, N) tensors (or None)."""
+    check_inputs(q, k, v, transform, backend)
+    b, nq, nk = q.shape[0], q.shape[2], k.shape[2]
+    q_pos = normalize_positions(q_pos, b, nq, "q_pos")
+    k_pos = normalize_positions(k_pos, b, nk, "k_pos")
+    if (q_seg is None) != (k_seg is None):
+        raise ValueError("pass both q_seg and k_seg (document ids) or neither")
+    if q_seg is not None:
+        q_seg = normalize_positions(q_seg, b, nq, "q_seg")
+        k_seg = normalize_positions(k_seg, b, nk, "k_seg")
+    if transform == "alibi" and (alibi_slopes is None or alibi_slopes.numel() != q.shape[1]):
+        raise ValueError(f"transform='alibi' needs alibi_slopes with one slope per query head "
+                         f"({q.shape[1]})")
+    return q_pos, k_pos, q_seg, k_seg
+
+
 # ----------------------------------------------------------------------------- backend choice
 @functools.lru_cache(maxsize=None)
 def _triton_module() -> ModuleType | None:
@@ -147,18 +164,8 @@ def scale_invariant_attention(
     Returns out (B, Hq, Nq, D) in q's dtype and, with return_lse, lse (B, Hq, Nq) float32, natural
     log. A query that sees no key gets out = 0 and lse = -inf.
     """
-    check_inputs(q, k, v, transform, backend)
-    b, nq, nk = q.shape[0], q.shape[2], k.shape[2]
-    q_pos = normalize_positions(q_pos, b, nq, "q_pos")
-    k_pos = normalize_positions(k_pos, b, nk, "k_pos")
-    if (q_seg is None) != (k_seg is None):
-        raise ValueError("pass both q_seg and k_seg (document ids) or neither")
-    if q_seg is not None:
-        q_seg = normalize_positions(q_seg, b, nq, "q_seg")
-        k_seg = normalize_positions(k_seg, b, nk, "k_seg")
-    if transform == "alibi" and (alibi_slopes is None or alibi_slopes.numel() != q.shape[1]):
-        raise ValueError(f"transform='alibi' needs alibi_slopes with one slope per query head "
-                         f"({q.shape[1]})")
+    q_pos, k_pos, q_seg, k_seg = prepare_inputs(q, k, v, q_pos, k_pos, q_seg, k_seg, transform=transform,
+                                                backend=backend, alibi_slopes=alibi_slopes)
     opts = dict(scale=q.shape[-1] ** -0.5 if scale is None else float(scale), tau=float(tau),
                 causal=bool(causal), transform=transform, alibi_slopes=alibi_slopes)
     name = resolve_backend(backend, q)

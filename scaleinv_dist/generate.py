@@ -29,18 +29,14 @@ from typing import Callable, Sequence
 import torch
 
 from .attention import scale_invariant_attention
-from .config import ConfigError
 from .model import GPT, apply_rotary, rms_norm, rotary_tables
+from .run_dir import IncompatibleCheckpointError, load_trained_model  # noqa: F401 (re-exported)
 
 PAD_SEG = -1  # document id of padding / unwritten cache slots (real tokens have 0)
 
 
 class GenerationError(ValueError):
     """A user-facing generation mistake (empty prompt, too long, bad sampling settings)."""
-
-
-class IncompatibleCheckpointError(ConfigError):
-    """A checkpoint whose tensors do not fit the model its run's config builds."""
 
 
 # ----------------------------------------------------------------------------- loading
@@ -62,57 +58,14 @@ def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Modu
     return model
 
 
-def describe_mismatch(model: torch.nn.Module, state: dict) -> list[str]:
-    """Human-readable differences between a model's state dict and a loaded one (empty: compatible)."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in state.items()}
-    problems = []
-    for k in expected.keys() - found.keys():
-        problems.append(f"missing tensor {k} (config expects shape {expected[k]})")
-    for k in found.keys() - expected.keys():
-        problems.append(f"unexpected tensor {k} {found[k]} (not built by the config)")
-    for k in expected.keys() & found.keys():
-        if expected[k] != found[k]:
-            problems.append(f"{k}: checkpoint has shape {found[k]}, the config builds {expected[k]}")
-    return sorted(problems)
-
-
 def load_model(run_dir: str | Path, checkpoint: str | Path | None = None, *, device="auto",
                dtype: torch.dtype | None = None, overrides: Sequence[str] = ()):
     """(model in eval mode on device, config, checkpoint folder) from a run directory.
 
-    Like run_dir.load_trained_model, but a checkpoint whose tensors do not fit the config raises
-    IncompatibleCheckpointError listing each mismatch. dtype defaults to bf16 on CUDA, fp32 on CPU.
+    run_dir.load_trained_model (IncompatibleCheckpointError when the checkpoint does not fit the
+    config), then parameters cast to dtype: default bf16 on CUDA, fp32 on CPU.
     """
-    from safetensors.torch import load_file
-
-    from .config import load_config
-    from .model import build_model
-    from .run_dir import WEIGHTS, checkpoints_dir, latest_checkpoint
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml); pass the run.out_dir "
-                          f"of a training run")
-    cfg = load_config(run_dir / "config.yaml", overrides)
-    folder = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
-    if folder is None or not (folder / WEIGHTS).is_file():
-        raise ConfigError(f"no published checkpoint with {WEIGHTS} under {checkpoints_dir(run_dir)}; "
-                          f"train first (launch/train.py) or pass a checkpoint folder")
-    state = load_file(str(folder / WEIGHTS))
-    if "wte.weight" not in state:
-        raise IncompatibleCheckpointError(f"{folder / WEIGHTS} is not a scaleinv_dist GPT checkpoint "
-                                          f"(no wte.weight tensor)")
-    model = build_model(cfg, vocab_size=state["wte.weight"].shape[0])
-    problems = describe_mismatch(model, state)
-    if problems:
-        shown = "\n  ".join(problems[:8]) + ("\n  ..." if len(problems) > 8 else "")
-        raise IncompatibleCheckpointError(
-            f"checkpoint {folder} does not match the model that {run_dir / 'config.yaml'} builds "
-            f"(model.n_layer={cfg.model.n_layer}, d_model={cfg.model.d_model}, n_head={cfg.model.n_head}, "
-            f"n_kv_head={cfg.model.n_kv_head}, attention.transform={cfg.attention.transform}):\n  {shown}\n"
-            f"Was config.yaml edited, or the checkpoint copied from another run?")
-    model.load_state_dict(state)
+    model, cfg, folder = load_trained_model(run_dir, checkpoint, overrides)
     device = default_device(device)
     cast_parameters(model, dtype or default_dtype(device))
     return model.to(device).eval(), cfg, folder

@@ -19,6 +19,10 @@ from .model import GPT, build_model
 WEIGHTS = "model.safetensors"
 
 
+class IncompatibleCheckpointError(ConfigError):
+    """A checkpoint whose tensors do not fit the model its run's config builds."""
+
+
 def checkpoints_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
@@ -43,9 +47,23 @@ def save_weights(model: torch.nn.Module, folder: str | Path) -> Path:
     return folder / WEIGHTS
 
 
+def describe_mismatch(model: torch.nn.Module, state: dict) -> list[str]:
+    """Human-readable differences between a model's state dict and a loaded one (empty: compatible)."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    problems = [f"missing tensor {k} (config expects shape {expected[k]})" for k in expected.keys() - found.keys()]
+    problems += [f"unexpected tensor {k} {found[k]} (not built by the config)" for k in found.keys() - expected.keys()]
+    problems += [f"{k}: checkpoint has shape {found[k]}, the config builds {expected[k]}"
+                 for k in expected.keys() & found.keys() if expected[k] != found[k]]
+    return sorted(problems)
+
+
 def load_trained_model(run_dir: str | Path, checkpoint: str | Path | None = None,
                        overrides=(), device: str | torch.device = "cpu") -> tuple[GPT, object, Path]:
-    """(model in eval mode, config, checkpoint folder) from a run directory's latest checkpoint."""
+    """(model in eval mode, config, checkpoint folder) from a run directory's latest checkpoint.
+
+    A checkpoint whose tensors do not fit the config raises IncompatibleCheckpointError listing them.
+    """
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml); pass the run.out_dir of a training run")
@@ -55,6 +73,18 @@ def load_trained_model(run_dir: str | Path, checkpoint: str | Path | None = None
         raise ConfigError(f"no published checkpoint with {WEIGHTS} under {checkpoints_dir(run_dir)}; "
                           f"train first (launch/train.py) or pass a checkpoint folder")
     state = load_file(str(folder / WEIGHTS))
+    if "wte.weight" not in state:
+        raise IncompatibleCheckpointError(f"{folder / WEIGHTS} is not a scaleinv_dist GPT checkpoint "
+                                          f"(no wte.weight tensor)")
     model = build_model(cfg, vocab_size=state["wte.weight"].shape[0])
+    problems = describe_mismatch(model, state)
+    if problems:
+        shown = "\n  ".join(problems[:8]) + ("\n  ..." if len(problems) > 8 else "")
+        m = cfg.model
+        raise IncompatibleCheckpointError(
+            f"checkpoint {folder} does not match the model that {run_dir / 'config.yaml'} builds "
+            f"(model.n_layer={m.n_layer}, d_model={m.d_model}, n_head={m.n_head}, n_kv_head={m.n_kv_head}, "
+            f"attention.transform={cfg.attention.transform}):\n  {shown}\n"
+            f"Was config.yaml edited, or the checkpoint copied from another run?")
     model.load_state_dict(state)
     return model.to(device).eval(), cfg, folder

@@ -19,7 +19,7 @@ import weakref
 
 import torch
 
-from ..attention import backend_ops, check_inputs, normalize_positions, resolve_backend
+from ..attention import backend_ops, prepare_inputs, resolve_backend
 from .layouts import STRATEGIES, LayoutError, check_heads, layout_for, pieces_per_shard
 from .ring import RingComm, build_ring_plan, ring_attention
 from .topology import Topology
@@ -144,23 +144,14 @@ class ContextParallelAttention:
 
     # ------------------------------------------------------------------ the call
     def __call__(self, q, k, v, q_pos, k_pos, q_seg=None, k_seg=None, *, return_lse: bool = False):
-        check_inputs(q, k, v, self.transform, self.backend)
         raw = (q_pos, k_pos, q_seg, k_seg)
+        q_pos, k_pos, q_seg, k_seg = prepare_inputs(q, k, v, q_pos, k_pos, q_seg, k_seg,
+                                                    transform=self.transform, backend=self.backend,
+                                                    alibi_slopes=self.alibi_slopes)
         b, hq, n, _ = q.shape
         if k.shape[2] != n:
             raise ValueError(f"context-parallel attention needs as many local keys as queries "
                              f"(self-attention on one shard): q has {n} tokens, k has {k.shape[2]}")
-        q_pos = normalize_positions(q_pos, b, n, "q_pos")
-        k_pos = normalize_positions(k_pos, b, n, "k_pos")
-        if (q_seg is None) != (k_seg is None):
-            raise ValueError("pass both q_seg and k_seg (document ids) or neither")
-        if q_seg is not None:
-            q_seg = normalize_positions(q_seg, b, n, "q_seg")
-            k_seg = normalize_positions(k_seg, b, n, "k_seg")
-        if self.transform == "alibi" and (self.alibi_slopes is None or
-                                          self.alibi_slopes.numel() != hq):
-            raise ValueError(f"transform='alibi' needs alibi_slopes with one slope per query head "
-                             f"({hq})")
         topo = self.topology
         u = topo.ulysses_size
         if u > 1:
