@@ -11,6 +11,11 @@ import functools
 import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+try:
+    from torch.nn.attention.flex_attention import AuxRequest
+except ImportError:  # torch < 2.9 returns the lse with return_lse=True
+    AuxRequest = None
+
 _LN2 = 0.6931471805599453
 
 
@@ -49,6 +54,10 @@ def flex_attention_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, scale, tau, c
     fn = _compiled_flex() if q.is_cuda else flex_attention
     if alibi_slopes is not None:
         alibi_slopes = alibi_slopes.to(device=q.device, dtype=torch.float32)
-    out, lse = fn(q, k, v, score_mod=score_mod, block_mask=mask, scale=scale,
-                  enable_gqa=k.shape[1] != hq, return_lse=True)
+    kwargs = dict(score_mod=score_mod, block_mask=mask, scale=scale, enable_gqa=k.shape[1] != hq)
+    if AuxRequest is None:  # torch < 2.9
+        out, lse = fn(q, k, v, return_lse=True, **kwargs)
+    else:
+        out, aux = fn(q, k, v, return_aux=AuxRequest(lse=True), **kwargs)
+        lse = aux.lse
     return out, lse.float()
