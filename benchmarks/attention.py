@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import os
 import shlex
 import sys
@@ -35,22 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _import_kernels():
-    """scaleinv_dist.kernels.flash_si, also from a checkout that is not pip-installed."""
-    try:
-        from scaleinv_dist.kernels import flash_si
-    except ImportError:
-        spec = importlib.util.spec_from_file_location(
-            "scaleinv_dist.kernels", ROOT / "kernels" / "__init__.py",
-            submodule_search_locations=[str(ROOT / "kernels")])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["scaleinv_dist.kernels"] = module
-        spec.loader.exec_module(module)
-        from scaleinv_dist.kernels import flash_si
-    return flash_si
-
-
-flash_si = _import_kernels()
+from scaleinv_dist.kernels import flash_si  # noqa: E402  (a source checkout works too)
 from scaleinv_dist import attention_reference  # noqa: E402
 from scaleinv_dist.attention import scale_invariant_attention  # noqa: E402
 
