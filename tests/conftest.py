@@ -15,3 +15,14 @@ def train_env(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SCALEINV_TEST_")}
     return {**env, "SCALEINV_CACHE": cache, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: intra-op threads only add overhead (and stall on a busy machine)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -344,11 +344,6 @@ def test_niah_end_to_end(trained_run, eval_env, tmp_path):
 
 @pytest.mark.slow
 def test_eval_context_parallel_matches_one_process(evaluated_run, eval_env, tmp_path):
-    pytest.importorskip("megatron.core")
-    try:
-        from scaleinv_dist.parallel import apply_cp  # noqa: F401
-    except ImportError:
-        pytest.skip("scaleinv_dist.parallel.apply_cp not available")
     run, _ = evaluated_run  # the same lengths and tokens in one process
     env = dict(eval_env, OMP_NUM_THREADS="1")
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",

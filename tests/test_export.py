@@ -1,6 +1,5 @@
 """The exported Hugging Face folder, loaded through transformers, against scaleinv_dist's model (CPU, fp32)."""
 import importlib.util
-import io
 import json
 import os
 import subprocess
@@ -13,58 +12,15 @@ import torch
 transformers = pytest.importorskip(
     "transformers", reason="transformers is not installed (pip install 'transformers>=5' or .[test])")
 
-from scaleinv_dist.config import load_config, save_config  # noqa: E402
 from scaleinv_dist.export_hf import ExportError, export_run  # noqa: E402
 from scaleinv_dist.generate import generate, load_model  # noqa: E402
-from scaleinv_dist.model import build_model  # noqa: E402
-from scaleinv_dist.run_dir import save_weights  # noqa: E402
+from scaleinv_dist.config import save_config  # noqa: E402
+from tiny_runs import SCHEMES, TRAIN_LEN, VOCAB, make_run, tiny_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN_LEN = 16
-VOCAB = 96
-SCHEMES = [("p_rope", "scale_invariant"), ("rope", "none"), ("nope", "none"), ("alibi", "none"),
-           ("p_rope", "logn")]
-TEXT = ["The quick brown fox jumps over the lazy dog.", "Scale invariant attention keeps long context sharp.",
-        "Once upon a time there was a tiny language model.", "Hello world, this is a small corpus."] * 40
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: intra-op threads only add overhead (and stall on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny_config(position, transform, *extra):
-    return load_config(None, ["model.n_layer=2", "model.d_model=64", "model.n_head=4", "model.n_kv_head=2",
-                              "model.init_std=0.1", f"attention.position={position}",
-                              f"attention.transform={transform}", f"train.seq_len={TRAIN_LEN}",
-                              "attention.p_rope_base=16", "attention.backend=reference", *extra])
-
-
-def make_run(tmp_path: Path, position="p_rope", transform="scale_invariant") -> Path:
-    """A run directory made by hand: config.yaml, tokenizer.model, checkpoints/step_1/model.safetensors."""
-    import sentencepiece as spm
-
-    run = tmp_path / f"run_{position}_{transform}"
-    (run / "checkpoints" / "step_1").mkdir(parents=True)
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXT), model_writer=buf, vocab_size=VOCAB,
-                                   model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
-                                   minloglevel=2)
-    (run / "tokenizer.model").write_bytes(buf.getvalue())
-    cfg = tiny_config(position, transform)
-    save_config(cfg, run / "config.yaml")
-    torch.manual_seed(0)
-    model = build_model(cfg, vocab_size=VOCAB)
-    if transform == "logn":
-        for block in model.blocks:
-            block.attn.logn_scale.data.uniform_(0.2, 0.7)
-    save_weights(model, run / "checkpoints" / "step_1")
-    (run / "checkpoints" / "latest").write_text("step_1")
-    return run
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def load_hf(folder):

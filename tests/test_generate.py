@@ -1,70 +1,23 @@
 """KV-cache decoding against full forward passes, sampling, batching, bad input and the CLI (CPU, fp32)."""
-import io
 from pathlib import Path
 
 import pytest
 import torch
 
-from scaleinv_dist.config import load_config, save_config
+from scaleinv_dist.config import save_config
 from scaleinv_dist.generate import (GenerationError, IncompatibleCheckpointError, KVCache, decode_step,
                                     generate, load_model, pad_prompts, prefill, sample_next)
-from scaleinv_dist.model import build_model
-from scaleinv_dist.run_dir import save_weights
+from tiny_runs import SCHEMES, TRAIN_LEN, VOCAB, make_run, tiny_config, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN_LEN = 16
-VOCAB = 96
-SCHEMES = [("p_rope", "scale_invariant"), ("rope", "none"), ("nope", "none"), ("alibi", "none"),
-           ("p_rope", "logn")]
-TEXT = ["The quick brown fox jumps over the lazy dog.", "Scale invariant attention keeps long context sharp.",
-        "Once upon a time there was a tiny language model.", "Hello world, this is a small corpus."] * 40
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: intra-op threads only add overhead (and stall on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny_config(position="p_rope", transform="scale_invariant", *extra):
-    return load_config(None, ["model.n_layer=2", "model.d_model=64", "model.n_head=4", "model.n_kv_head=2",
-                              "model.init_std=0.1", f"attention.position={position}",
-                              f"attention.transform={transform}", f"train.seq_len={TRAIN_LEN}",
-                              "attention.p_rope_base=16", "attention.backend=reference", *extra])
-
-
-def tiny_model(position="p_rope", transform="scale_invariant", seed=0, vocab=VOCAB):
-    torch.manual_seed(seed)
-    model = build_model(tiny_config(position, transform), vocab_size=vocab).eval()
-    if transform == "logn":  # make the LogN scale matter: distinct per-head values
-        for block in model.blocks:
-            block.attn.logn_scale.data.uniform_(0.2, 0.7)
-    return model
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def full_logits(model, tokens):
     with torch.no_grad():
         return model(tokens[None], torch.arange(len(tokens))[None])[0]
-
-
-def make_run(tmp_path: Path, position="p_rope", transform="scale_invariant", name="run") -> Path:
-    """A run directory made by hand: config.yaml, tokenizer.model, checkpoints/step_1/model.safetensors."""
-    import sentencepiece as spm
-
-    run = tmp_path / name
-    (run / "checkpoints" / "step_1").mkdir(parents=True)
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXT), model_writer=buf, vocab_size=VOCAB,
-                                   model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
-                                   minloglevel=2)
-    (run / "tokenizer.model").write_bytes(buf.getvalue())
-    save_config(tiny_config(position, transform), run / "config.yaml")
-    save_weights(tiny_model(position, transform), run / "checkpoints" / "step_1")
-    (run / "checkpoints" / "latest").write_text("step_1")
-    return run
 
 
 # ----------------------------------------------------------------------------- exactness

@@ -7,7 +7,6 @@ SCALEINV_TEST_HANG_AT_STEP with SCALEINV_TEST_DIE_RANK.
 """
 import json
 import math
-import os
 import signal
 import socket
 import subprocess

@@ -73,11 +73,8 @@ def setup_parallel(model, cfg, lengths) -> EvalParallel:
     layout = layouts.layout_for(cfg.parallel.cp_strategy)
     shard = None
     if topo.cp_size > 1:
-        try:
-            from ..parallel import apply_cp
-        except ImportError:
-            raise EvalError("scaleinv_dist.parallel.apply_cp is not available yet; evaluate with "
-                            "parallel.context_parallel_size=1") from None
+        from ..parallel import apply_cp
+
         for length in lengths:
             try:
                 layouts.check_seq_len(int(length), topo.cp_size, layout)
