@@ -262,6 +262,16 @@ def validate(cfg: Config) -> None:
     if p.context_parallel_size % p.ulysses_degree:
         raise ConfigError(f"parallel.ulysses_degree ({p.ulysses_degree}) must divide "
                           f"parallel.context_parallel_size ({p.context_parallel_size})")
+    if p.context_parallel_size > 1:  # fail at load time, not after data preparation
+        from .parallel.layouts import LayoutError, check_heads, check_seq_len, layout_for
+
+        cp = p.context_parallel_size
+        ulysses = {"ulysses": cp, "hybrid": p.ulysses_degree}.get(p.cp_strategy, 1)
+        try:
+            check_seq_len(cfg.train.seq_len, cp, layout_for(p.cp_strategy))
+            check_heads(m.n_head, m.n_kv_head or m.n_head, ulysses)
+        except LayoutError as err:
+            raise ConfigError(f"{err} (train.seq_len / model heads vs parallel.*)") from None
 
 
 def to_dict(cfg: Config) -> dict:

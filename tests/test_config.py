@@ -183,3 +183,13 @@ def test_muon_with_zero_is_a_clear_error():
     cfg = load_config(None, ["train.optimizer=muon", "train.zero_stage=1"])
     with pytest.raises(ConfigError, match="zero_stage=0"):
         build_optimizer(torch.nn.Linear(4, 4), cfg)
+
+
+@pytest.mark.parametrize("overrides, msg", [
+    (["parallel.context_parallel_size=4", "train.seq_len=100"], "use a multiple of 8"),
+    (["parallel.context_parallel_size=4", "parallel.cp_strategy=ulysses", "model.n_head=6",
+      "model.d_model=192"], "does not divide the 6 query heads"),
+])
+def test_context_parallel_shapes_are_checked_at_load_time(overrides, msg):
+    with pytest.raises(ConfigError, match=msg):
+        load_config(None, overrides)
