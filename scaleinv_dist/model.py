@@ -129,7 +129,9 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, attn, train_seq_len) for _ in range(cfg.n_layer))
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         head_dim = cfg.head_dim or cfg.d_model // cfg.n_head
-        self.register_buffer("inv_freq", rotary_inv_freq(head_dim, attn), persistent=False)
+        # float64 and deliberately not a buffer: model.to(bfloat16) must not round the frequencies
+        # (at position 1e5 a bf16-rounded frequency is off by hundreds of radians)
+        self.inv_freq = rotary_inv_freq(head_dim, attn)
         slopes = alibi_slopes(cfg.n_head) if attn.position == "alibi" else None
         self.register_buffer("alibi_slopes", slopes, persistent=False)
         self.checkpoint_blocks = False  # "full" activation checkpointing

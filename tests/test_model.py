@@ -209,3 +209,12 @@ def test_flops_per_token_formula():
     head_dim = c.d_model // c.n_head
     expect = 6 * model.num_params(non_embedding=True) + 7 * c.n_layer * 512 * c.n_head * head_dim
     assert model.flops_per_token(512) == expect
+
+
+def test_rotary_frequencies_survive_a_cast_to_bfloat16():
+    """Casting the model (as mixed precision or a user's model.bfloat16() does) keeps the float64
+    frequencies: RoPE angles at long positions stay exact."""
+    cfg = load_config(None, ["model.vocab_size=64", "attention.position=rope"])
+    model = build_model(cfg).bfloat16()
+    assert model.inv_freq.dtype == torch.float64
+    assert torch.equal(model.inv_freq, rotary_inv_freq(cfg.model.d_model // cfg.model.n_head, cfg.attention))
