@@ -34,12 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scaleinv_dist.config import load_config  # noqa: E402
 from scaleinv_dist.model import build_model  # noqa: E402
 
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
-
-
 def peak_tflops() -> float:
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), float("nan"))
+    """Dense bf16 peak of this GPU in TFLOP/s (the training loop's table), NaN when unknown."""
+    from scaleinv_dist.train.metrics import peak_flops
+
+    peak = peak_flops(torch.device("cuda"), bf16=True)
+    return float("nan") if peak is None else peak / 1e12
 
 
 def sdpa_cudnn_attend(q, k, v, q_pos, k_pos, q_seg, k_seg):
