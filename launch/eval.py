@@ -19,7 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scaleinv_dist.evaluate.common import EvalError, die  # noqa: E402
+from scaleinv_dist.cli import existing_run_dir, run_cli  # noqa: E402
+from scaleinv_dist.evaluate.common import EvalError  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -46,14 +47,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except EvalError as err:
-        die(str(err))
-    except ValueError as err:  # ConfigError, LayoutError, DataError: user-facing one-line messages
-        die(str(err).splitlines()[0] if str(err) else type(err).__name__)
-    return 0
+    return run_cli(run, parse_args(argv))
 
 
 def run(args) -> int:
@@ -62,13 +56,7 @@ def run(args) -> int:
     from scaleinv_dist.evaluate import lengths as ev
     from scaleinv_dist.run_dir import load_trained_model
 
-    run_dir = Path(args.run)
-    if not run_dir.is_dir():
-        raise EvalError(f"run directory {str(run_dir)!r} does not exist; pass the run.out_dir of a "
-                        f"training run")
-    if not (run_dir / "config.yaml").is_file():
-        raise EvalError(f"{run_dir} is not a run directory (no config.yaml); pass the run.out_dir of "
-                        f"a training run")
+    run_dir = existing_run_dir(args.run)
     base = load_config(run_dir / "config.yaml", args.overrides)
     device = distributed.local_device(common.pick_device(args.device or base.run.device))
     model, cfg, ckpt = load_trained_model(run_dir, args.checkpoint, args.overrides, device)

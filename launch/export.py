@@ -17,6 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from scaleinv_dist.cli import die, existing_run_dir  # noqa: E402
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,11 +34,6 @@ def parse_args(argv=None):
                    help="load the folder with transformers and compare logits with this package's model")
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
     return p.parse_args(argv)
-
-
-def die(msg: str) -> None:
-    print(f"error: {msg}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 def verify(folder: Path, run_dir: Path, checkpoint, overrides) -> float:
@@ -63,9 +60,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from scaleinv_dist.export_hf import export_run
 
-    run_dir = Path(args.run)
-    if not run_dir.is_dir():
-        die(f"run directory {str(run_dir)!r} does not exist; pass the run.out_dir of a training run")
+    run_dir = existing_run_dir(args.run)
     try:
         out = export_run(run_dir, args.out, checkpoint=args.checkpoint, dtype=args.dtype,
                          overwrite=args.overwrite, add_bos_token=not args.no_bos, overrides=args.overrides)

@@ -20,6 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from scaleinv_dist.cli import die, existing_run_dir, run_cli  # noqa: E402
+
 MAX_LENGTH_MULTIPLE = 16  # default --max-length: 16x the training sequence length
 
 
@@ -46,11 +48,6 @@ def parse_args(argv=None):
                    help="prefill long prompts in chunks of this many tokens (bounded memory; 0: whole prompt)")
     p.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. attention.backend=reference)")
     return p.parse_args(argv)
-
-
-def die(msg: str) -> None:
-    print(f"error: {msg}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 def read_prompts(args) -> list[str]:
@@ -103,12 +100,7 @@ class TextStreamer:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except ValueError as err:  # ConfigError, IncompatibleCheckpointError, GenerationError
-        die(str(err))
-    return 0
+    return run_cli(run, parse_args(argv), first_line_only=False)  # mismatches list every tensor
 
 
 def run(args) -> int:
@@ -118,9 +110,7 @@ def run(args) -> int:
     from scaleinv_dist.generate import (GenerationError, GenerationStats, check_prompts, default_device,
                                         generate, load_model)
 
-    run_dir = Path(args.run)
-    if not run_dir.is_dir():
-        die(f"run directory {str(run_dir)!r} does not exist; pass the run.out_dir of a training run")
+    run_dir = existing_run_dir(args.run)
     prompts = read_prompts(args)
     if args.max_new_tokens < 1:
         raise GenerationError("--max-new-tokens must be >= 1")

@@ -20,7 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scaleinv_dist.evaluate.common import EvalError, die  # noqa: E402
+from scaleinv_dist.cli import existing_run_dir, run_cli  # noqa: E402
+from scaleinv_dist.evaluate.common import EvalError  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -54,14 +55,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except EvalError as err:
-        die(str(err))
-    except ValueError as err:
-        die(str(err).splitlines()[0] if str(err) else type(err).__name__)
-    return 0
+    return run_cli(run, parse_args(argv))
 
 
 def run(args) -> int:
@@ -72,10 +66,7 @@ def run(args) -> int:
     from scaleinv_dist.evaluate.niah_finetune import finetune_on_needles
     from scaleinv_dist.run_dir import load_trained_model
 
-    run_dir = Path(args.run)
-    if not run_dir.is_dir():
-        raise EvalError(f"run directory {str(run_dir)!r} does not exist; pass the run.out_dir of a "
-                        f"training run")
+    run_dir = existing_run_dir(args.run)
     depths = common.parse_fractions(args.depths, "--depths")
     if args.samples < 1 or args.needles < 1 or args.finetune_steps < 0 or args.batch_size < 1:
         raise EvalError("--samples, --needles and --batch-size must be >= 1, --finetune-steps >= 0")
@@ -84,9 +75,6 @@ def run(args) -> int:
     if args.mode == "generate" and not niah.generation_available():
         raise EvalError("--mode generate needs scaleinv_dist.generate (KV-cache decoding), which does not "
                         "import here; use --mode teacher")
-    if not (run_dir / "config.yaml").is_file():
-        raise EvalError(f"{run_dir} is not a run directory (no config.yaml); pass the run.out_dir of "
-                        f"a training run")
     base = load_config(run_dir / "config.yaml", args.overrides)
     device = common.pick_device(args.device or base.run.device)
     torch.manual_seed(args.seed)

@@ -18,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scaleinv_dist.evaluate.common import EvalError, die  # noqa: E402
+from scaleinv_dist.cli import run_cli  # noqa: E402
+from scaleinv_dist.evaluate.common import EvalError  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -41,12 +42,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except (EvalError, ValueError) as err:
-        die(str(err).splitlines()[0])
-    return 0
+    return run_cli(run, parse_args(argv))
 
 
 def run(args) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -13,12 +12,6 @@ import torch
 
 class EvalError(ValueError):
     """A user mistake in an evaluation command (printed as one `error: ...` line, exit 2)."""
-
-
-def die(message: str, code: int = 2) -> None:
-    """Print `error: message` to stderr and exit (for launch/ scripts)."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(code)
 
 
 def pick_device(name: str = "auto") -> torch.device:
