@@ -17,7 +17,8 @@ head dim: relative error ||x - ref|| / ||ref|| <= 1e-2 for out, dq, dk, dv.
 The table (with ratios ours-si / flex-si, ours-si / ours-off, ours-si / cuDNN) is printed, appended
 with date, card, versions and the command line to benchmarks/RESULTS.md (or --out), and written to
 $OUT/attention.md when the environment variable OUT is set. --sweep instead times a few tile
-configurations and Taylor degrees of our kernels alone (written to $OUT/attention_sweep.md).
+configurations (--fwd-configs, --bwd-configs) and Taylor degrees (--degrees) of our kernels alone
+(written to $OUT/attention_sweep.md).
 """
 from __future__ import annotations
 
@@ -65,6 +66,8 @@ def flex_fns(n, device):
     def causal(b, h, q_idx, kv_idx):
         return q_idx >= kv_idx
 
+    torch._dynamo.reset()  # a fresh compile cache per shape: stale entries would hit the recompile
+    torch._dynamo.config.recompile_limit = 64  # limit and fall back to the unfused (N^2) path
     mask = create_block_mask(causal, None, None, n, n, device=device)
     compiled = torch.compile(flex_attention, dynamic=False)
     return {"flex-si": lambda q, k, v: compiled(q, k, v, score_mod=si_score_mod, block_mask=mask),
@@ -204,16 +207,15 @@ def timing_table(results, ns, dims):
 
 
 # ----------------------------------------------------------------------------- sweep
-SWEEP = {  # the first entry of each list is the module's default
-    128: dict(fwd=[(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 2)],
-              bwd=[(64, 128, 128, 64, 8, 3), (32, 128, 128, 64, 8, 3)]),
-    64: dict(fwd=[(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3)],
-             bwd=[(64, 128, 128, 64, 8, 3), (32, 128, 128, 64, 8, 3)]),
+SWEEP = {  # tried after the module's defaults; --fwd-configs / --bwd-configs replace them
+    "fwd": [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
+    "bwd": [(64, 128, 128, 64, 8, 3), (32, 128, 128, 64, 8, 3), (64, 128, 64, 64, 8, 3),
+            (64, 128, 128, 64, 8, 2), (32, 64, 64, 64, 4, 3), (64, 64, 64, 64, 4, 2)],
 }
 
 
-def run_sweep(n, d, device, rep):
-    """Times our forward and backward kernels alone for a few tiles and Taylor degrees."""
+def run_sweep(n, d, device, rep, fwd_cfgs, bwd_cfgs, degrees):
+    """Times our forward and backward kernels alone for tile configs and Taylor degrees."""
     from triton.testing import do_bench
 
     b, h = shape_for(n)
@@ -223,32 +225,39 @@ def run_sweep(n, d, device, rep):
     pos = torch.arange(n, device=device).expand(b, n)
     flops = fwd_flops(b, h, n, d)
     base = (flash_si.FWD_CONFIGS[d], flash_si.BWD_CONFIGS[d], flash_si.POLY_DEGREE)
-    lines = [f"Sweep at N={n} ({b}x{h}), D={d}: TFLOP/s of our kernels alone",
-             "", "| transform | fwd config | bwd config | degree | fwd | bwd |",
-             "|---|---|---|---|---|---|"]
-    runs = [(f, base[1], base[2]) for f in SWEEP[d]["fwd"]]
-    runs += [(base[0], bw, base[2]) for bw in SWEEP[d]["bwd"][1:]]
-    runs += [(base[0], base[1], deg) for deg in (1, 3)]
-    for fwd_cfg, bwd_cfg, deg in runs:
-        flash_si.FWD_CONFIGS[d], flash_si.BWD_CONFIGS[d] = fwd_cfg, bwd_cfg
+    lines = [f"Sweep at N={n} ({b}x{h}), D={d}: TFLOP/s of our kernels alone "
+             f"(module defaults: fwd {base[0]}, bwd {base[1]}, degree {base[2]})",
+             "", "| transform | pass | config | degree | TFLOP/s |", "|---|---|---|---|---|"]
+    runs = [("fwd", cfg, base[2]) for cfg in fwd_cfgs] + [("bwd", cfg, base[2]) for cfg in bwd_cfgs]
+    runs += [("both", None, deg) for deg in degrees if deg != base[2]]
+    for which, cfg, deg in runs:
+        if which == "fwd":
+            flash_si.FWD_CONFIGS[d] = tuple(cfg)
+        elif which == "bwd":
+            flash_si.BWD_CONFIGS[d] = tuple(cfg)
         flash_si.POLY_DEGREE = deg
         for transform in ("scale_invariant", "none"):
-            if deg != base[2] and transform == "none":
+            if which == "both" and transform == "none":
                 continue
             opts = dict(scale=d ** -0.5, tau=TAU, causal=True, transform=transform)
             try:
                 out, lse = flash_si.forward(q, k, v, pos, pos, **opts)
-                t_f = do_bench(lambda: flash_si.forward(q, k, v, pos, pos, **opts), rep=rep,
-                               return_mode="median")
-                t_b = do_bench(lambda: flash_si.backward(do, q, k, v, out, lse, pos, pos, **opts),
-                               rep=rep, return_mode="median")
-                cell = f"{flops / t_f / 1e9:.0f} | {2.5 * flops / t_b / 1e9:.0f}"
+                cells = []
+                if which in ("fwd", "both"):
+                    t_f = do_bench(lambda: flash_si.forward(q, k, v, pos, pos, **opts), rep=rep,
+                                   return_mode="median")
+                    cells.append(f"fwd {flops / t_f / 1e9:.0f}")
+                if which in ("bwd", "both"):
+                    t_b = do_bench(lambda: flash_si.backward(do, q, k, v, out, lse, pos, pos,
+                                                             **opts), rep=rep, return_mode="median")
+                    cells.append(f"bwd {2.5 * flops / t_b / 1e9:.0f}")
+                cell = ", ".join(cells)
             except Exception as err:
-                cell = f"failed: {type(err).__name__} {str(err)[:80]} | "
-            lines.append(f"| {transform} | {fwd_cfg} | {bwd_cfg} | {deg} | {cell} |")
+                cell = f"failed: {type(err).__name__} {str(err)[:80]}"
+            lines.append(f"| {transform} | {which} | {cfg or ''} | {deg} | {cell} |")
             print(lines[-1], flush=True)
-    flash_si.FWD_CONFIGS[d], flash_si.BWD_CONFIGS[d], flash_si.POLY_DEGREE = base
-    return lines + [""] + kernel_stats()
+        flash_si.FWD_CONFIGS[d], flash_si.BWD_CONFIGS[d], flash_si.POLY_DEGREE = base
+    return lines
 
 
 def kernel_stats():
@@ -277,7 +286,12 @@ def main(argv=None):
                     help="markdown file the results are appended to")
     ap.add_argument("--no-check", action="store_true", help="skip the float64 correctness check")
     ap.add_argument("--sweep", action="store_true",
-                    help="time tile configs / Taylor degrees of our kernels at the first N, D")
+                    help="time tile configs / Taylor degrees of our kernels at the first N, each D")
+    ap.add_argument("--fwd-configs", default=None,
+                    help="sweep: JSON list of (BLOCK_M, BLOCK_N, warps, stages)")
+    ap.add_argument("--bwd-configs", default=None,
+                    help="sweep: JSON list of (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, warps, stages)")
+    ap.add_argument("--degrees", default="1,2,3", help="sweep: Taylor degrees to try")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("benchmarks/attention.py needs a CUDA GPU")
@@ -295,7 +309,15 @@ def main(argv=None):
             f"triton {triton.__version__}\n\nCommand: `{command}`\n")
     out_dir = os.environ.get("OUT")
     if args.sweep:
-        lines = run_sweep(ns[0], dims[0], device, rep)
+        import json
+
+        fwd_cfgs = json.loads(args.fwd_configs) if args.fwd_configs else SWEEP["fwd"]
+        bwd_cfgs = json.loads(args.bwd_configs) if args.bwd_configs else SWEEP["bwd"]
+        degrees = [int(x) for x in args.degrees.split(",") if x]
+        lines = []
+        for d in dims:
+            lines += run_sweep(ns[0], d, device, rep, fwd_cfgs, bwd_cfgs, degrees) + [""]
+        lines += kernel_stats()
         text = head + "\n" + "\n".join(lines) + "\n"
         print(text)
         if out_dir:

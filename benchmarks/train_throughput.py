@@ -3,8 +3,8 @@
     python benchmarks/train_throughput.py --config configs/paper-162m.yaml --lengths 4096,16384,65536
     torchrun --nproc_per_node 4 benchmarks/train_throughput.py --lengths 262144 --cp-strategy zigzag
 
-Per length it times a full training step (forward, backward, AdamW) of batch 1 sequence, bf16
-autocast, with three attention implementations in the same run:
+Per length it times a full training step (forward, backward, AdamW) of max(1, 65536 // length)
+sequences (--tokens-per-step; one sequence split over the GPUs with --cp-strategy), bf16 autocast, with three attention implementations in the same run:
   ours       scale-invariant p-RoPE through the fused Triton kernel (or the config's backend)
   flex-si    the same model with FlexAttention + the scale-invariant score_mod (the paper's route)
   sdpa-rope  RoPE, no transform, torch SDPA cuDNN (the cost floor)
@@ -60,11 +60,16 @@ def build(cfg, impl: str, vocab: int, ckpt: str):
     return model
 
 
-def step_time(model, opt, seq_len: int, vocab: int, repeats: int, cp=None) -> tuple[float, float]:
-    """(median seconds per training step, peak GiB) for one sequence of seq_len tokens."""
+def step_time(model, opt, batch: int, seq_len: int, vocab: int, repeats: int,
+              cp=None) -> tuple[float, float]:
+    """(median seconds per training step, peak GiB) for batch sequences of seq_len tokens.
+
+    The first step (compilation, autotuning) is not timed unless repeats is 0: then the one step
+    taken is the figure (the longest-sequence probe, where a step can take minutes).
+    """
     gen = torch.Generator(device="cuda").manual_seed(0)
-    tokens = torch.randint(0, vocab, (1, seq_len), device="cuda", generator=gen)
-    positions = torch.arange(seq_len, device="cuda")[None]
+    tokens = torch.randint(0, vocab, (batch, seq_len), device="cuda", generator=gen)
+    positions = torch.arange(seq_len, device="cuda")[None].expand(batch, -1)
     labels = torch.roll(tokens, -1, 1)
     if cp is not None:
         tokens, labels, positions = cp(tokens, labels, positions)
@@ -79,8 +84,10 @@ def step_time(model, opt, seq_len: int, vocab: int, repeats: int, cp=None) -> tu
         opt.step()
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
-        if i:  # the first step compiles / autotunes
+        if i or not repeats:  # the first step compiles / autotunes
             times.append(time.perf_counter() - t0)
+        if not repeats:
+            break
     times.sort()
     return times[len(times) // 2], torch.cuda.max_memory_allocated() / 2**30
 
@@ -110,10 +117,14 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=50304)
     ap.add_argument("--ckpt", default="selective", choices=["none", "full", "selective"])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tokens-per-step", type=int, default=65536,
+                    help="batch = max(1, this // seq_len) sequences per step (1 under --cp-strategy)")
     ap.add_argument("--cp-strategy", default="", help="ring|zigzag|ulysses|hybrid under torchrun")
     ap.add_argument("--ulysses-degree", type=int, default=2, help="hybrid only")
     ap.add_argument("--longest", default="", help="comma list of lengths to probe for ours, e.g. 262144,524288,1048576")
     ap.add_argument("--max-step-seconds", type=float, default=240.0)
+    ap.add_argument("--probe-repeats", type=int, default=0,
+                    help="timed steps per --longest length after an untimed first; 0: time the one step")
     ap.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")))
     args = ap.parse_args()
 
@@ -124,7 +135,7 @@ def main() -> None:
     peak = peak_tflops()
     rows = []
 
-    def measure(impl: str, seq_len: int, ckpt: str) -> dict:
+    def measure(impl: str, seq_len: int, ckpt: str, repeats: int) -> dict:
         cfg = load_config(args.config, [f"train.seq_len={seq_len}"])
         model = build(cfg, impl, args.vocab, ckpt)
         if cp is not None:
@@ -133,10 +144,11 @@ def main() -> None:
             apply_cp(model, topo, pcfg)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         try:
-            sec, mem = step_time(model, opt, seq_len, args.vocab, args.repeats, cp)
-            tok_s = seq_len / sec
+            batch = 1 if cp is not None else max(1, args.tokens_per_step // seq_len)
+            sec, mem = step_time(model, opt, batch, seq_len, args.vocab, repeats, cp)
+            tok_s = batch * seq_len / sec
             mfu = model.flops_per_token(seq_len) * tok_s / world / (peak * 1e12)
-            row = dict(impl=impl, seq_len=seq_len, gpus=world, ckpt=ckpt, step_s=sec, tokens_per_s=tok_s,
+            row = dict(impl=impl, seq_len=seq_len, batch=batch, gpus=world, ckpt=ckpt, step_s=sec, tokens_per_s=tok_s,
                        mfu=mfu, peak_gib=mem, status="ok")
         except torch.cuda.OutOfMemoryError:
             row = dict(impl=impl, seq_len=seq_len, gpus=world, ckpt=ckpt, status="OOM")
@@ -147,11 +159,11 @@ def main() -> None:
     impls = args.impls.split(",") if cp is None else ["ours"]
     for n in [int(x) for x in args.lengths.split(",") if x]:
         for impl in impls:
-            rows.append(measure(impl, n, args.ckpt))
+            rows.append(measure(impl, n, args.ckpt, args.repeats))
             if rank == 0:
                 print(json.dumps(rows[-1]), flush=True)
     for n in [int(x) for x in args.longest.split(",") if x]:
-        row = measure("ours", n, "full")
+        row = measure("ours", n, "full", args.probe_repeats)
         row["probe"] = "longest"
         rows.append(row)
         if rank == 0:
@@ -165,16 +177,16 @@ def main() -> None:
 
 def report(rows, args, peak) -> None:
     by = {(r["impl"], r["seq_len"]): r for r in rows if r["status"] == "ok" and "probe" not in r}
-    lines = ["| impl | seq_len | GPUs | ckpt | step s | tokens/s | MFU | peak GiB | vs sdpa-rope |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| impl | seq_len | batch | GPUs | ckpt | step s | tokens/s | MFU | peak GiB | vs sdpa-rope |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"| {r['impl']} | {r['seq_len']} | {r['gpus']} | {r['ckpt']} | {r['status']} | | | | |")
+            lines.append(f"| {r['impl']} | {r['seq_len']} | | {r['gpus']} | {r['ckpt']} | {r['status']} | | | | |")
             continue
         base = by.get(("sdpa-rope", r["seq_len"]))
         ratio = f"{r['step_s'] / base['step_s']:.2f}x" if base else ""
-        lines.append(f"| {r['impl']}{' (longest probe)' if 'probe' in r else ''} | {r['seq_len']} | {r['gpus']} | "
-                     f"{r['ckpt']} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% | "
+        lines.append(f"| {r['impl']}{' (longest probe)' if 'probe' in r else ''} | {r['seq_len']} | {r['batch']} | "
+                     f"{r['gpus']} | {r['ckpt']} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% | "
                      f"{r['peak_gib']:.1f} | {ratio} |")
     table = "\n".join(lines)
     print(table)

@@ -49,8 +49,10 @@ POLY_RATIO = {1: 1.0 / 32.0, 2: 1.0 / 8.0, 3: 1.0 / 4.0}
 # forward: (BLOCK_M, BLOCK_N, num_warps, num_stages)
 # backward: (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_warps, num_stages); the dk/dv programs
 # hold BLOCK_N1 keys and walk BLOCK_M1 queries, the dq programs hold BLOCK_M2 queries.
-FWD_CONFIGS = {d: (128, 64, 8, 3) for d in HEAD_DIMS}
-BWD_CONFIGS = {d: (64, 128, 128, 64, 8, 3) for d in HEAD_DIMS}
+# Picked by `benchmarks/attention.py --sweep` at N = 16k on an H100 (benchmarks/RESULTS.md).
+FWD_CONFIGS = {16: (128, 64, 8, 3), 32: (128, 64, 8, 3), 64: (128, 64, 4, 3), 128: (128, 128, 8, 3)}
+BWD_CONFIGS = {16: (64, 128, 128, 64, 8, 3), 32: (64, 128, 128, 64, 8, 3),
+               64: (64, 64, 64, 64, 4, 3), 128: (64, 128, 128, 64, 8, 3)}
 FWD_CONFIG_F32 = (64, 32, 4, 2)
 BWD_CONFIG_F32 = (32, 64, 64, 32, 4, 1)
 _LIST_CHUNK = 256

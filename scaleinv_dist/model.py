@@ -63,6 +63,19 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
+def autocast_dtype(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """xs in autocast's dtype when autocast is on (as SDPA does), else unchanged.
+
+    Under autocast, rms_norm and the float32 rotary tables leave q, k in float32 while v is bf16;
+    the fused kernel takes one 16-bit dtype, so cast here rather than fall back to a slower backend.
+    """
+    device = xs[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return xs
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(x.to(dtype) for x in xs)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, attn: AttentionConfig, train_seq_len: int):
         super().__init__()
@@ -88,6 +101,7 @@ class Attention(nn.Module):
         if self.logn:
             n_visible = torch.log1p(positions.to(q.dtype))[:, None, :, None]  # log(q_pos + 1)
             q = q * (self.logn_scale.to(q.dtype)[None, :, None, None] * n_visible)
+        q, k, v = autocast_dtype(q, k, v)
         y = attend(q, k, v, positions, positions, doc_ids, doc_ids)
         return self.proj(y.transpose(1, 2).reshape(b, n, -1))
 

@@ -218,3 +218,23 @@ def test_rotary_frequencies_survive_a_cast_to_bfloat16():
     model = build_model(cfg).bfloat16()
     assert model.inv_freq.dtype == torch.float64
     assert torch.equal(model.inv_freq, rotary_inv_freq(cfg.model.d_model // cfg.model.n_head, cfg.attention))
+
+
+def test_attention_gets_one_dtype_under_autocast():
+    """Under autocast q, k (float32 after rms_norm and rotary) and v (bf16) reach the attention
+    function in the autocast dtype, so the fused kernel is not bypassed."""
+    model = build_model(small_cfg())
+    seen = []
+
+    def attend(q, k, v, *rest):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return v.new_zeros(q.shape)
+
+    model.attend = attend
+    tokens, positions, doc_ids, _ = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(tokens, positions, doc_ids)
+    assert seen and all(d == (torch.bfloat16,) * 3 for d in seen), seen
+    seen.clear()
+    model(tokens, positions, doc_ids)  # no autocast: float32 stays
+    assert all(d == (torch.float32,) * 3 for d in seen), seen
