@@ -12,7 +12,8 @@ DeepSpeed config from the Config (docs/training.md has the table):
     gradient_accumulation_steps    = train.grad_accum
     gradient_clipping              = train.grad_clip (0 = off)
     zero_optimization.stage        = train.zero_stage
-    bf16.enabled                   = run.dtype bfloat16, or auto on CUDA (fp32 gradient accumulation)
+    torch_autocast (bfloat16)      = run.dtype bfloat16, or auto on CUDA: bf16 compute, fp32 parameters,
+                                     gradients and optimizer state (DeepSpeed's "bf16" stays off)
 The optimizer (AdamW / Muon) and LR schedule are client objects (scaleinv_dist.train.optim /
 schedule), so DeepSpeed JIT-builds no optimizer op on CPU (the effect of `torch_adam: true`).
 """
@@ -135,13 +136,15 @@ def deepspeed_config(cfg) -> dict:
         "gradient_clipping": float(t.grad_clip) if t.grad_clip > 0 else 0.0,
         "zero_optimization": {"stage": t.zero_stage},
         "zero_allow_untested_optimizer": True,  # our AdamW / Muon are client optimizers
-        "bf16": {"enabled": bf16},
+        "bf16": {"enabled": False},
         "fp16": {"enabled": False},
         "steps_per_print": 10 ** 9,  # the training loop logs
         "wall_clock_breakdown": False,
     }
-    if bf16:
-        ds["data_types"] = {"grad_accum_dtype": "fp32"}
+    if bf16:  # bf16 compute over fp32 parameters, gradients and optimizer state (any optimizer and
+        # ZeRO stage; DeepSpeed's "bf16" mode needs ZeRO >= 1 for fp32 accumulation and flattens
+        # parameters, which Muon cannot take)
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     return ds
 
 

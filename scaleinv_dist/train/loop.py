@@ -306,7 +306,7 @@ def _train(cfg, env) -> dict:
     peak = peak_flops(device, use_bf16(cfg))
     n_gpus = env.world_size
     tokens_per_step = t.micro_batch_size * t.seq_len * G * dp_size
-    grad_norm_by_hand = t.zero_stage == 0 and not use_bf16(cfg)  # DeepSpeed reports none there
+    grad_norm_by_hand = t.zero_stage == 0  # DeepSpeed reports none there
     prep = _BatchPrep(cfg, device, topology)
     stop = _StopFlag()
     stop.install()
