@@ -106,6 +106,9 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(b, n, -1))
 
 
+MAX_HIDDEN_ELEMENTS = 2**30  # MLP hidden activation per chunk (elements)
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -114,7 +117,14 @@ class MLP(nn.Module):
         self.proj = nn.Linear(hidden, cfg.d_model, bias=False)
 
     def forward(self, x):
-        return self.proj(F.relu(self.fc(x)).square())
+        """x (B, N, d_model). Long sequences go through in token chunks so that the hidden
+        activation never exceeds MAX_HIDDEN_ELEMENTS (at 1M tokens a (N, 4 d_model) bf16 tensor has
+        more than 2^31 elements, past what some CUDA kernels index; it is also 6 GiB)."""
+        hidden = self.fc.out_features
+        if x.shape[0] * x.shape[1] * hidden <= MAX_HIDDEN_ELEMENTS:
+            return self.proj(F.relu(self.fc(x)).square())
+        step = max(1, MAX_HIDDEN_ELEMENTS // (x.shape[0] * hidden))
+        return torch.cat([self.proj(F.relu(self.fc(c)).square()) for c in x.split(step, dim=1)], 1)
 
 
 class Block(nn.Module):

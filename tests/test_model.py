@@ -238,3 +238,20 @@ def test_attention_gets_one_dtype_under_autocast():
     seen.clear()
     model(tokens, positions, doc_ids)  # no autocast: float32 stays
     assert all(d == (torch.float32,) * 3 for d in seen), seen
+
+
+def test_mlp_token_chunks_change_nothing(monkeypatch):
+    """Long sequences run the MLP in token chunks (no (N, 4 d) tensor past 2^30 elements); the
+    output and gradients equal the unchunked MLP's (fp32, rtol 1e-6)."""
+    import scaleinv_dist.model as model_mod
+
+    torch.manual_seed(0)
+    mlp = model_mod.MLP(small_cfg().model)
+    x = torch.randn(2, 37, 32, requires_grad=True)
+    full = mlp(x)
+    gx_full, = torch.autograd.grad(full.square().sum(), x)
+    monkeypatch.setattr(model_mod, "MAX_HIDDEN_ELEMENTS", 2 * 128 * 5)  # chunks of 5 tokens
+    chunked = mlp(x)
+    gx, = torch.autograd.grad(chunked.square().sum(), x)
+    torch.testing.assert_close(chunked, full, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gx, gx_full, rtol=1e-6, atol=1e-6)
