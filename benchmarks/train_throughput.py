@@ -8,8 +8,8 @@ sequences (--tokens-per-step; one sequence split over the GPUs with --cp-strateg
   ours       scale-invariant p-RoPE through the fused Triton kernel (or the config's backend)
   flex-si    the same model with FlexAttention + the scale-invariant score_mod (the paper's route)
   sdpa-rope  RoPE, no transform, torch SDPA cuDNN (the cost floor)
-Memory recipe: activation checkpointing (--ckpt full|selective|none), chunked cross-entropy,
-bf16 autocast, fused AdamW. MFU = flops_per_token x tokens/s / peak, flops_per_token =
+Memory recipe: activation checkpointing (--ckpt none|selective|full|offload; the --longest probes
+use --probe-ckpt, default offload), chunked cross-entropy, bf16 autocast, fused AdamW. MFU = flops_per_token x tokens/s / peak, flops_per_token =
 6 x non-embedding parameters + 7 x layers x seq_len x heads x head_dim (causal attention, forward
 4 N^2 H D / 2 and backward 2.5x forward). With torchrun and --cp-strategy the sequence is split over
 the GPUs by scaleinv_dist.parallel (ours only). "--longest" probes increasing lengths until a step
@@ -115,7 +115,9 @@ def main() -> None:
     ap.add_argument("--lengths", default="4096,16384,65536")
     ap.add_argument("--impls", default="ours,flex-si,sdpa-rope")
     ap.add_argument("--vocab", type=int, default=50304)
-    ap.add_argument("--ckpt", default="selective", choices=["none", "full", "selective"])
+    ap.add_argument("--ckpt", default="selective", choices=["none", "full", "selective", "offload"])
+    ap.add_argument("--probe-ckpt", default="offload", choices=["none", "full", "selective", "offload"],
+                    help="activation checkpointing of the --longest probes")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tokens-per-step", type=int, default=65536,
                     help="batch = max(1, this // seq_len) sequences per step (1 under --cp-strategy)")
@@ -163,7 +165,7 @@ def main() -> None:
             if rank == 0:
                 print(json.dumps(rows[-1]), flush=True)
     for n in [int(x) for x in args.longest.split(",") if x]:
-        row = measure("ours", n, "full", args.probe_repeats)
+        row = measure("ours", n, args.probe_ckpt, args.probe_repeats)
         row["probe"] = "longest"
         rows.append(row)
         if rank == 0:

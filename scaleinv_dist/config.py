@@ -85,7 +85,7 @@ class TrainConfig:
     cooldown_fraction: float = 0.3  # wsd: final fraction of steps decaying linearly to min_lr
     min_lr_ratio: float = 0.1
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
-    activation_checkpointing: str = "none"  # none | full | selective
+    activation_checkpointing: str = "none"  # none | selective | full | offload
     loss_chunk_tokens: int = 8192  # cross-entropy chunk; full logits are never materialised
     checkpoint_every: int = 100  # steps; 0 = only at the end
     keep_checkpoints: int = 2
@@ -130,7 +130,7 @@ CHOICES = {
     "attention.backend": ("auto", "triton", "flex", "reference"),
     "train.optimizer": ("adamw", "muon"),
     "train.schedule": ("cosine", "wsd", "constant"),
-    "train.activation_checkpointing": ("none", "full", "selective"),
+    "train.activation_checkpointing": ("none", "full", "selective", "offload"),
     "train.nan_policy": ("stop", "skip"),
     "parallel.cp_strategy": ("ring", "zigzag", "ulysses", "hybrid"),
 }

@@ -158,7 +158,8 @@ class GPT(nn.Module):
         self.inv_freq = rotary_inv_freq(head_dim, attn)
         slopes = alibi_slopes(cfg.n_head) if attn.position == "alibi" else None
         self.register_buffer("alibi_slopes", slopes, persistent=False)
-        self.checkpoint_blocks = False  # "full" activation checkpointing
+        self.checkpoint_blocks = False  # "full" / "offload" activation checkpointing
+        self.offload_checkpoints = False  # "offload": block inputs wait in host memory
         self.attend: Attend = self.local_attend
         self._init_weights(cfg)
 
@@ -180,10 +181,13 @@ class GPT(nn.Module):
                                          **self.attention_options())
 
     def set_activation_checkpointing(self, mode: str) -> None:
-        """none | full (recompute whole blocks) | selective (recompute the MLPs only)."""
-        self.checkpoint_blocks = mode == "full"
+        """none | selective (recompute the MLPs) | full (recompute whole blocks) | offload (full,
+        with each block's input kept in pinned host memory until its backward, and the MLPs
+        recomputed once more inside the block's backward: the longest sequences)."""
+        self.checkpoint_blocks = mode in ("full", "offload")
+        self.offload_checkpoints = mode == "offload"
         for block in self.blocks:
-            block.checkpoint_mlp = mode == "selective"
+            block.checkpoint_mlp = mode in ("selective", "offload")
 
     def hidden_states(self, tokens, positions, doc_ids=None):
         """Final normalised hidden states (B, N, d_model) for tokens/positions/doc_ids (B, N)."""
@@ -192,7 +196,12 @@ class GPT(nn.Module):
         x = rms_norm(self.wte(tokens))
         rotary = None if self.inv_freq is None else rotary_tables(positions, self.inv_freq, x.dtype)
         for block in self.blocks:
-            if self.checkpoint_blocks and torch.is_grad_enabled():
+            if self.checkpoint_blocks and torch.is_grad_enabled() and self.offload_checkpoints:
+                # the reentrant form keeps its inputs through save_for_backward, which the
+                # save_on_cpu hooks move to host memory (the non-reentrant form keeps them on GPU)
+                with torch.autograd.graph.save_on_cpu(pin_memory=x.is_cuda):
+                    x = checkpoint(block, x, rotary, positions, doc_ids, self.attend, use_reentrant=True)
+            elif self.checkpoint_blocks and torch.is_grad_enabled():
                 x = checkpoint(block, x, rotary, positions, doc_ids, self.attend, use_reentrant=False)
             else:
                 x = block(x, rotary, positions, doc_ids, self.attend)

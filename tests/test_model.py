@@ -113,7 +113,7 @@ def test_model_loss_chunk_size_does_not_matter():
         assert rel(a, b) <= 1e-5
 
 
-@pytest.mark.parametrize("mode", ["full", "selective"])
+@pytest.mark.parametrize("mode", ["full", "selective", "offload"])
 def test_activation_checkpointing_gives_the_same_gradients(mode):
     tokens, positions, doc_ids, labels = batch()
     results = {}
@@ -133,6 +133,33 @@ def test_activation_checkpointing_flags():
     assert model.checkpoint_blocks and not any(b.checkpoint_mlp for b in model.blocks)
     model = build_model(small_cfg("train.activation_checkpointing=selective"))
     assert not model.checkpoint_blocks and all(b.checkpoint_mlp for b in model.blocks)
+    model = build_model(small_cfg("train.activation_checkpointing=offload"))
+    assert model.checkpoint_blocks and model.offload_checkpoints
+    assert all(b.checkpoint_mlp for b in model.blocks)
+
+
+def test_offload_keeps_block_inputs_in_host_memory(monkeypatch):
+    """With "offload" the tensors autograd keeps from the forward pass are the blocks' inputs
+    (and positions), packed by save_on_cpu: nothing of the block's insides is saved."""
+    model = build_model(small_cfg("train.activation_checkpointing=offload"))
+    tokens, positions, doc_ids, labels = batch()
+    packed = []
+    real_init = torch.autograd.graph.save_on_cpu.__init__
+
+    def spy_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        inner = self.pack_hook
+
+        def pack(t):
+            packed.append(tuple(t.shape))
+            return inner(t)
+        self.pack_hook = pack
+
+    monkeypatch.setattr(torch.autograd.graph.save_on_cpu, "__init__", spy_init)
+    loss_sum, n = model(tokens, positions, doc_ids, labels)
+    (loss_sum / n).backward()
+    assert packed.count((B, N, 32)) == len(model.blocks), packed  # one input per block (d_model 32)
+    assert set(packed) <= {(B, N, 32), (B, N)}, packed  # and the positions / document ids
 
 
 @pytest.mark.parametrize("fraction", [0.25, 0.5, 0.75, 1.0])
