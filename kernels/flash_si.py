@@ -326,6 +326,46 @@ def _lists_kernel(RB, CB, LT, n_row, n_col, Nrow, Ncol, s_lt, tau, ratio,
 
 # ============================================================================ forward
 @triton.jit
+def _key_tile_logits(q, qf, qseg, q_ok, qlo, qhi, Kh, KPF, KS, KB, j, sk_n, sk_d, Nk,
+                     c, tau, log2tau, K1, K0, slope,
+                     BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, TRANSFORM: tl.constexpr,
+                     CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, MODE: tl.constexpr,
+                     DEG: tl.constexpr, FAST: tl.constexpr, F32: tl.constexpr,
+                     DOT_PREC: tl.constexpr):
+    """Key tile j against query rows q (forward and dq programs).
+
+    Returns (k, L, A, R, visible, offs_n, k_ok): the loaded key tile, the logits of _logits
+    (rows are queries), the element mask (MODE 2 only; else k_ok), the key offsets and their bounds.
+    """
+    offs_d = tl.arange(0, HEAD_D)
+    offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_ok = offs_n < Nk
+    k_ptrs = Kh + offs_n[:, None] * sk_n + offs_d[None, :] * sk_d
+    if MODE == 2:
+        k = tl.load(k_ptrs, mask=k_ok[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+    if F32:
+        k = k.to(tl.float32)
+    kf = tl.load(KPF + offs_n, mask=k_ok, other=0.0)[None, :]
+    klo = 0.0
+    khi = 0.0
+    if MODE == 0:
+        klo = tl.load(KB + j * 4).to(tl.float32)
+        khi = tl.load(KB + j * 4 + 1).to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+    L, A, R = _logits(s, qf, kf, qlo, qhi, klo, khi, c, tau, log2tau, K1, K0, slope,
+                      TRANSFORM, CAUSAL, MODE, DEG, FAST, True)
+    visible = k_ok[None, :]
+    if MODE == 2:
+        kseg = kf
+        if HAS_SEG:
+            kseg = tl.load(KS + offs_n, mask=k_ok, other=0)[None, :]
+        visible = _visible(qf, kf, qseg, kseg, q_ok & k_ok[None, :], CAUSAL, HAS_SEG)
+    return k, L, A, R, visible, offs_n, k_ok
+
+
+@triton.jit
 def _fwd_loop(acc, l_i, m_i, q, qf, qseg, q_ok, qlo, qhi, Kh, Vh, KPF, KS, KB, lst, start, end,
               sk_n, sk_d, sv_n, sv_d, Nk, c, tau, log2tau, K1, K0, slope,
               BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, TRANSFORM: tl.constexpr,
@@ -334,32 +374,12 @@ def _fwd_loop(acc, l_i, m_i, q, qf, qseg, q_ok, qlo, qhi, Kh, Vh, KPF, KS, KB, l
     """Online softmax over the key tiles lst[start:end], all of class MODE."""
     offs_d = tl.arange(0, HEAD_D)
     for it in range(start, end):
-        j = tl.load(lst + it)
-        offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
-        k_ok = offs_n < Nk
-        k_ptrs = Kh + offs_n[:, None] * sk_n + offs_d[None, :] * sk_d
-        v_ptrs = Vh + offs_n[:, None] * sv_n + offs_d[None, :] * sv_d
+        k, L, A, R, visible, offs_n, k_ok = _key_tile_logits(
+            q, qf, qseg, q_ok, qlo, qhi, Kh, KPF, KS, KB, tl.load(lst + it), sk_n, sk_d, Nk,
+            c, tau, log2tau, K1, K0, slope, BLOCK_N, HEAD_D, TRANSFORM, CAUSAL, HAS_SEG, MODE,
+            DEG, FAST, F32, DOT_PREC)
         if MODE == 2:
-            k = tl.load(k_ptrs, mask=k_ok[:, None], other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-        if F32:
-            k = k.to(tl.float32)
-        kf = tl.load(KPF + offs_n, mask=k_ok, other=0.0)[None, :]
-        klo = 0.0
-        khi = 0.0
-        if MODE == 0:
-            klo = tl.load(KB + j * 4).to(tl.float32)
-            khi = tl.load(KB + j * 4 + 1).to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        L, A, R = _logits(s, qf, kf, qlo, qhi, klo, khi, c, tau, log2tau, K1, K0, slope,
-                          TRANSFORM, CAUSAL, MODE, DEG, FAST, True)
-        if MODE == 2:
-            kseg = kf
-            if HAS_SEG:
-                kseg = tl.load(KS + offs_n, mask=k_ok, other=0)[None, :]
-            L = tl.where(_visible(qf, kf, qseg, kseg, q_ok & k_ok[None, :], CAUSAL, HAS_SEG),
-                         L, float("-inf"))
+            L = tl.where(visible, L, float("-inf"))
         if TRANSFORM == 0:
             m_new = tl.maximum(m_i, tl.max(L, 1, keep_dims=True) * c)
         else:
@@ -374,6 +394,7 @@ def _fwd_loop(acc, l_i, m_i, q, qf, qseg, q_ok, qlo, qhi, Kh, Vh, KPF, KS, KB, l
             p = _exp2(L - (m_use - R), FAST)
         alpha = _exp2(m_i - m_use, FAST)
         l_i = l_i * alpha + tl.sum(p, 1, keep_dims=True)
+        v_ptrs = Vh + offs_n[:, None] * sv_n + offs_d[None, :] * sv_d
         if MODE == 2:
             v = tl.load(v_ptrs, mask=k_ok[:, None], other=0.0)
         else:
@@ -539,38 +560,19 @@ def _bwd_dq_loop(dq, q, do, lse2, delta, qf, qseg, q_ok, qlo, qhi, Kh, Vh, KPF, 
                  DOT_PREC: tl.constexpr):
     offs_d = tl.arange(0, HEAD_D)
     for it in range(start, end):
-        j = tl.load(lst + it)
-        offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
-        k_ok = offs_n < Nk
-        k_ptrs = Kh + offs_n[:, None] * sk_n + offs_d[None, :] * sk_d
-        v_ptrs = Vh + offs_n[:, None] * sv_n + offs_d[None, :] * sv_d
-        if MODE == 2:
-            k = tl.load(k_ptrs, mask=k_ok[:, None], other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-        if F32:
-            k = k.to(tl.float32)
-        kf = tl.load(KPF + offs_n, mask=k_ok, other=0.0)[None, :]
-        klo = 0.0
-        khi = 0.0
-        if MODE == 0:
-            klo = tl.load(KB + j * 4).to(tl.float32)
-            khi = tl.load(KB + j * 4 + 1).to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        L, A, R = _logits(s, qf, kf, qlo, qhi, klo, khi, c, tau, log2tau, K1, K0, slope,
-                          TRANSFORM, CAUSAL, MODE, DEG, FAST, True)
+        k, L, A, R, visible, offs_n, k_ok = _key_tile_logits(
+            q, qf, qseg, q_ok, qlo, qhi, Kh, KPF, KS, KB, tl.load(lst + it), sk_n, sk_d, Nk,
+            c, tau, log2tau, K1, K0, slope, BLOCK_N, HEAD_D, TRANSFORM, CAUSAL, HAS_SEG, MODE,
+            DEG, FAST, F32, DOT_PREC)
         if TRANSFORM == 0:
             p = _exp2(L * c - lse2, FAST)
         else:
             p = _exp2(L - (lse2 - R), FAST)
         if MODE == 2:
-            kseg = kf
-            if HAS_SEG:
-                kseg = tl.load(KS + offs_n, mask=k_ok, other=0)[None, :]
-            p = tl.where(_visible(qf, kf, qseg, kseg, q_ok & k_ok[None, :], CAUSAL, HAS_SEG),
-                         p, 0.0)
+            p = tl.where(visible, p, 0.0)
         if TRANSFORM == 1:
             p = p * A
+        v_ptrs = Vh + offs_n[:, None] * sv_n + offs_d[None, :] * sv_d
         if MODE == 2:
             v = tl.load(v_ptrs, mask=k_ok[:, None], other=0.0)
         else:
