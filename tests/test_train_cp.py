@@ -22,9 +22,10 @@ TINY = ["model.n_layer=2", "model.d_model=64", "model.n_head=4", "model.n_kv_hea
         "train.micro_batch_size=2", "train.steps=5", "train.checkpoint_every=0", "train.warmup_steps=1",
         "run.log_every=1", "run.wandb=disabled", "run.progress=false", "data.vocab_size=300",
         "data.max_documents=12", "attention.backend=reference"]
-CASES = [  # (context-parallel size, strategy, ulysses degree)
-    (2, "ring", 1), (2, "zigzag", 1), (2, "ulysses", 1),
-    (4, "zigzag", 1), (4, "ulysses", 1), (4, "hybrid", 2),
+CASES = [  # (context-parallel size, strategy, ulysses degree, activation checkpointing)
+    (2, "ring", 1, "none"), (2, "zigzag", 1, "none"), (2, "ulysses", 1, "none"),
+    (4, "zigzag", 1, "none"), (4, "ulysses", 1, "none"), (4, "hybrid", 2, "none"),
+    (2, "zigzag", 1, "offload"),  # the ring runs again inside each block's recompute
 ]
 
 
@@ -51,11 +52,14 @@ def single(tmp_path_factory, train_env):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cp, strategy, ulysses", CASES, ids=[f"cp{c}-{s}" for c, s, _ in CASES])
-def test_context_parallel_training_matches_one_process(tmp_path, train_env, single, cp, strategy, ulysses):
+@pytest.mark.parametrize("cp, strategy, ulysses, ckpt", CASES,
+                         ids=[f"cp{c}-{s}" + ("" if k == "none" else f"-{k}") for c, s, _, k in CASES])
+def test_context_parallel_training_matches_one_process(tmp_path, train_env, single, cp, strategy, ulysses,
+                                                       ckpt):
     losses, params = train(tmp_path, cp, [f"parallel.context_parallel_size={cp}",
                                           f"parallel.cp_strategy={strategy}",
-                                          f"parallel.ulysses_degree={ulysses}"], train_env)
+                                          f"parallel.ulysses_degree={ulysses}",
+                                          f"train.activation_checkpointing={ckpt}"], train_env)
     ref_losses, ref_params = single
     assert sorted(losses) == sorted(ref_losses) == [1, 2, 3, 4, 5]
     for step, loss in ref_losses.items():
