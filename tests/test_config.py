@@ -171,7 +171,8 @@ def test_deepspeed_config_mapping():
     assert ds["gradient_clipping"] == 0.5
     assert ds["bf16"]["enabled"] is False and "torch_autocast" not in ds  # CPU: fp32
     bf16 = deepspeed_config(load_config(ROOT / "configs" / "tiny.yaml", ["run.dtype=bfloat16"]))
-    assert bf16["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}  # fp32 master weights
+    assert bf16["torch_autocast"] == {"enabled": True, "dtype": "bfloat16",  # fp32 master weights
+                                      "lower_precision_safe_modules": []}  # and fp32 gradient reduction
     assert bf16["bf16"]["enabled"] is False
     assert "optimizer" not in ds  # client optimizer: no DeepSpeed optimizer op to build
     bad = load_config(None, ["train.zero_stage=4"])

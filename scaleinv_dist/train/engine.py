@@ -144,7 +144,8 @@ def deepspeed_config(cfg) -> dict:
     if bf16:  # bf16 compute over fp32 parameters, gradients and optimizer state (any optimizer and
         # ZeRO stage; DeepSpeed's "bf16" mode needs ZeRO >= 1 for fp32 accumulation and flattens
         # parameters, which Muon cannot take)
-        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+        # no "lower precision safe" modules: gradients are reduced in fp32, not bf16
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     return ds
 
 
