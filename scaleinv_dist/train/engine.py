@@ -152,16 +152,11 @@ def deepspeed_config(cfg) -> dict:
 def build_engine(cfg, model: torch.nn.Module, optimizer, scheduler, mpu=None):
     """deepspeed.initialize(...) with the client optimizer and scheduler; returns the engine."""
     import deepspeed
-    buffers = {name: b for name, b in model.named_buffers() if b is not None and b.is_floating_point()}
+    # DeepSpeed's bf16/fp16 modes are off (bf16 is torch_autocast), so it casts no parameter or
+    # buffer: the fp32 ALiBi slopes stay exact
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg), mpu=mpu,
                                            dist_init_required=False)
-    # keep float64 rotary frequencies / fp32 ALiBi slopes exact if a mixed-precision cast touched them
-    for name, b in model.named_buffers():
-        if name in buffers and b is not None and b.dtype != buffers[name].dtype:
-            owner, _, leaf = name.rpartition(".")
-            module = model.get_submodule(owner) if owner else model
-            module._buffers[leaf] = buffers[name].to(b.device)
     return engine
 
 
