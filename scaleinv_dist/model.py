@@ -13,6 +13,7 @@ per-head s times log(q_pos + 1), the paper's LogN baseline).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable
 
@@ -196,13 +197,14 @@ class GPT(nn.Module):
         x = rms_norm(self.wte(tokens))
         rotary = None if self.inv_freq is None else rotary_tables(positions, self.inv_freq, x.dtype)
         for block in self.blocks:
-            if self.checkpoint_blocks and torch.is_grad_enabled() and self.offload_checkpoints:
-                # the reentrant form keeps its inputs through save_for_backward, which the
+            if self.checkpoint_blocks and torch.is_grad_enabled():
+                # offload: the reentrant form keeps its inputs through save_for_backward, which the
                 # save_on_cpu hooks move to host memory (the non-reentrant form keeps them on GPU)
-                with torch.autograd.graph.save_on_cpu(pin_memory=x.is_cuda):
-                    x = checkpoint(block, x, rotary, positions, doc_ids, self.attend, use_reentrant=True)
-            elif self.checkpoint_blocks and torch.is_grad_enabled():
-                x = checkpoint(block, x, rotary, positions, doc_ids, self.attend, use_reentrant=False)
+                offload = self.offload_checkpoints
+                with (torch.autograd.graph.save_on_cpu(pin_memory=x.is_cuda) if offload
+                      else contextlib.nullcontext()):
+                    x = checkpoint(block, x, rotary, positions, doc_ids, self.attend,
+                                   use_reentrant=offload)
             else:
                 x = block(x, rotary, positions, doc_ids, self.attend)
         return rms_norm(x)
