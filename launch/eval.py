@@ -51,20 +51,13 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
-    from scaleinv_dist.config import load_config
     from scaleinv_dist.evaluate import common, data_access, distributed
     from scaleinv_dist.evaluate import lengths as ev
-    from scaleinv_dist.run_dir import load_trained_model
 
     run_dir = existing_run_dir(args.run)
-    base = load_config(run_dir / "config.yaml", args.overrides)
-    device = distributed.local_device(common.pick_device(args.device or base.run.device))
-    model, cfg, ckpt = load_trained_model(run_dir, args.checkpoint, args.overrides, device)
-    lens = common.resolve_lengths(
-        cfg.train.seq_len,
-        lengths=common.parse_int_list(args.lengths, "--lengths") if args.lengths else None,
-        multiples=common.parse_float_list(args.multiples, "--multiples") if args.multiples else None,
-        cfg_lengths=cfg.eval.context_lengths, cfg_multiples=cfg.eval.length_multiples)
+    model, cfg, ckpt, device = common.load_run_model(run_dir, args)
+    lens = common.lengths_from_args(args, cfg.train.seq_len, cfg_lengths=cfg.eval.context_lengths,
+                                    cfg_multiples=cfg.eval.length_multiples)
     max_tokens = cfg.eval.max_tokens if args.max_tokens is None else args.max_tokens
     batch_size = args.batch_size or cfg.eval.batch_size
     if max_tokens < 0 or batch_size < 1:

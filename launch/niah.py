@@ -61,10 +61,8 @@ def main(argv=None) -> int:
 def run(args) -> int:
     import torch
 
-    from scaleinv_dist.config import load_config
     from scaleinv_dist.evaluate import common, data_access, niah, plots, report
     from scaleinv_dist.evaluate.niah_finetune import finetune_on_needles
-    from scaleinv_dist.run_dir import load_trained_model
 
     run_dir = existing_run_dir(args.run)
     depths = common.parse_fractions(args.depths, "--depths")
@@ -75,15 +73,10 @@ def run(args) -> int:
     if args.mode == "generate" and not niah.generation_available():
         raise EvalError("--mode generate needs scaleinv_dist.generate (KV-cache decoding), which does not "
                         "import here; use --mode teacher")
-    base = load_config(run_dir / "config.yaml", args.overrides)
-    device = common.pick_device(args.device or base.run.device)
     torch.manual_seed(args.seed)
-    model, cfg, ckpt = load_trained_model(run_dir, args.checkpoint, args.overrides, device)
+    model, cfg, ckpt, device = common.load_run_model(run_dir, args)
     train_len = cfg.train.seq_len
-    lens = common.resolve_lengths(
-        train_len,
-        lengths=common.parse_int_list(args.lengths, "--lengths") if args.lengths else None,
-        multiples=common.parse_float_list(args.multiples, "--multiples") if args.multiples else [1, 4, 16])
+    lens = common.lengths_from_args(args, train_len, default_multiples=[1, 4, 16])
     bundle = data_access.load_validation(cfg, run_dir)
     tokenizer = bundle.tokenizer
     bos = data_access.window_bos(bundle)

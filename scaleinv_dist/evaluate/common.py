@@ -65,6 +65,29 @@ def parse_fractions(text: str, flag: str) -> list[float]:
     return out
 
 
+def load_run_model(run_dir: Path, args):
+    """(model, cfg, checkpoint folder, device) for an evaluation command's --checkpoint, --device
+    (default: the run's run.device) and config overrides; cuda:LOCAL_RANK under torchrun."""
+    from ..config import load_config
+    from ..run_dir import load_trained_model
+    from .distributed import local_device
+
+    base = load_config(run_dir / "config.yaml", args.overrides)
+    device = local_device(pick_device(args.device or base.run.device))
+    model, cfg, ckpt = load_trained_model(run_dir, args.checkpoint, args.overrides, device)
+    return model, cfg, ckpt, device
+
+
+def lengths_from_args(args, train_seq_len: int, default_multiples: Sequence[float] | None = None,
+                      cfg_lengths: Sequence[int] = (), cfg_multiples: Sequence[float] = ()) -> list[int]:
+    """resolve_lengths for an evaluation command's --lengths / --multiples strings."""
+    return resolve_lengths(
+        train_seq_len,
+        lengths=parse_int_list(args.lengths, "--lengths") if args.lengths else None,
+        multiples=parse_float_list(args.multiples, "--multiples") if args.multiples else default_multiples,
+        cfg_lengths=cfg_lengths, cfg_multiples=cfg_multiples)
+
+
 def resolve_lengths(train_seq_len: int, lengths: Sequence[int] | None = None,
                     multiples: Sequence[float] | None = None,
                     cfg_lengths: Sequence[int] = (), cfg_multiples: Sequence[float] = ()) -> list[int]:
