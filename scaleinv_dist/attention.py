@@ -21,7 +21,7 @@ import torch
 from . import attention_reference
 from .transform import TRANSFORMS
 
-BACKENDS = ("auto", "reference", "triton", "flex")
+BACKENDS = ("auto", "reference", "triton", "hopper", "flex")
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -85,8 +85,18 @@ def _triton_module() -> ModuleType | None:
         return None
 
 
-def resolve_backend(backend: str, q: torch.Tensor) -> str:
+@functools.lru_cache(maxsize=None)
+def _hopper_module() -> ModuleType:
+    return importlib.import_module("scaleinv_dist.kernels.flash_si_hopper")
+
+
+def resolve_backend(backend: str, q: torch.Tensor, hopper_reason=None) -> str:
     """The concrete backend name for `backend` on q's device (auto picks the fastest that works)."""
+    if backend == "hopper" and hopper_reason is not None:
+        raise RuntimeError(f"attention.backend='hopper' cannot run these inputs: {hopper_reason}; "
+                           "use backend='auto'")
+    if backend == "auto" and hopper_reason is None:
+        return "hopper"
     if backend == "auto":
         if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _triton_module() is not None:
             return "triton"
@@ -103,6 +113,8 @@ def backend_ops(name: str) -> ModuleType:
         return attention_reference
     if name == "triton":
         return _triton_module()
+    if name == "hopper":
+        return _hopper_module()
     raise ValueError(f"backend {name!r} has no forward/backward contract; use 'reference' or 'triton'")
 
 
@@ -168,7 +180,11 @@ def scale_invariant_attention(
                                                 backend=backend, alibi_slopes=alibi_slopes)
     opts = dict(scale=q.shape[-1] ** -0.5 if scale is None else float(scale), tau=float(tau),
                 causal=bool(causal), transform=transform, alibi_slopes=alibi_slopes)
-    name = resolve_backend(backend, q)
+    hopper_reason = "not asked for"
+    if backend in ("auto", "hopper") and q.is_cuda:
+        hopper_reason = _hopper_module().unsupported_reason(
+            q, k, v, q_pos, k_pos, q_seg, k_seg, causal=causal, transform=transform)
+    name = resolve_backend(backend, q, hopper_reason)
     if name == "flex":
         out, lse = _flex_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, **opts)
     else:

@@ -1,0 +1,96 @@
+"""The Hopper backend (FlashAttention-4's SM90 kernels with the transform as a CuTe DSL score_mod).
+
+On CPU: which inputs it takes (one run of consecutive positions, causal, no documents) and that it
+reports why it can't run. On an sm90 GPU with flash-attn-4 (`-m gpu`): bf16 against the float64
+reference for out, lse, dq, dk, dv at several head dims, with GQA; "auto" picks it only where it
+applies, and the Triton kernel elsewhere.
+"""
+import pytest
+import torch
+
+from scaleinv_dist import attention_reference
+from scaleinv_dist.attention import scale_invariant_attention
+from scaleinv_dist.kernels import flash_si_hopper as hopper
+
+TAU = 10.0
+
+
+@pytest.mark.parametrize("pos, expected", [
+    (torch.arange(16).expand(2, 16), True),
+    (torch.arange(5, 21)[None], True),
+    (torch.stack([torch.arange(16), torch.arange(16)]).contiguous(), True),
+    (torch.stack([torch.arange(16), torch.arange(1, 17)]), False),  # rows differ
+    (torch.cat([torch.arange(8), torch.arange(10, 18)])[None], False),  # a gap
+    (torch.arange(16).flip(0)[None], False),  # permuted
+    (torch.cat([torch.arange(4), torch.arange(12, 16), torch.arange(4, 12)])[None], False),  # zigzag-like
+])
+def test_contiguous_positions(pos, expected):
+    assert hopper._contiguous(pos) is expected
+
+
+def test_reports_why_not_on_cpu():
+    q = torch.randn(1, 2, 16, 64)
+    pos = torch.arange(16)[None]
+    reason = hopper.unsupported_reason(q, q, q, pos, pos, None, None, causal=True,
+                                       transform="scale_invariant")
+    assert isinstance(reason, str) and reason
+
+
+def _hopper_ready() -> bool:
+    return (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+            and hopper.IMPORT_ERROR is None)
+
+
+def _rel(x, ref):
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def _errors(backend, q, k, v, do, pos):
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    out, lse = scale_invariant_attention(*leaves, pos, pos, tau=TAU, backend=backend,
+                                         return_lse=True)
+    out.backward(do)
+    return out, lse, [x.grad for x in leaves]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper_ready(), reason="needs an sm90 GPU with flash-attn-4")
+@pytest.mark.parametrize("d", [64, 128, 48, 80, 96, 192, 256])
+@pytest.mark.parametrize("hq, hkv", [(2, 2), (4, 2)])
+def test_hopper_matches_float64(d, hq, hkv):
+    """Tolerance: relative error <= 1e-2 (bf16 operands) and no worse than 1.25x FlexAttention's
+    on the same inputs."""
+    n = 2048
+    g = torch.Generator(device="cuda").manual_seed(d * 10 + hq)
+    q = torch.randn(1, hq, n, d, device="cuda", generator=g).bfloat16()
+    k, v = (torch.randn(1, hkv, n, d, device="cuda", generator=g).bfloat16() for _ in range(2))
+    do = torch.randn(1, hq, n, d, device="cuda", generator=g).bfloat16()
+    pos = torch.arange(1000, 1000 + n, device="cuda")  # any start: only differences matter
+    opts = dict(scale=d ** -0.5, tau=TAU, causal=True, transform="scale_invariant")
+    r_out, r_lse = attention_reference.forward(q.double(), k.double(), v.double(), pos[None],
+                                               pos[None], **opts)
+    r_grads = attention_reference.backward(do.double(), q.double(), k.double(), v.double(), r_out,
+                                           r_lse, pos[None], pos[None], **opts)
+    refs = [r_out, r_lse, *r_grads]
+    ours = _errors("hopper", q, k, v, do, pos)
+    flex = _errors("flex", q, k, v, do, pos)
+    for name, x, f, r in zip(("out", "lse", "dq", "dk", "dv"), [ours[0], ours[1], *ours[2]],
+                             [flex[0], flex[1], *flex[2]], refs):
+        assert torch.isfinite(x).all(), name
+        err, bar = _rel(x, r), _rel(f, r)
+        assert err <= max(1e-2, 1.25 * bar), f"{name}: {err:.2e} (flex {bar:.2e})"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper_ready(), reason="needs an sm90 GPU with flash-attn-4")
+def test_auto_uses_hopper_only_where_it_applies(monkeypatch):
+    calls = []
+    real = hopper.forward
+    monkeypatch.setattr(hopper, "forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q = torch.randn(1, 2, 256, 64, device="cuda", dtype=torch.bfloat16)
+    pos = torch.arange(256, device="cuda")
+    scale_invariant_attention(q, q, q, pos, pos, tau=TAU)
+    assert calls == [1]
+    gapped = torch.cat([pos[:128], pos[128:] + 50])
+    out = scale_invariant_attention(q, q, q, gapped, gapped, tau=TAU)  # Triton
+    assert calls == [1] and torch.isfinite(out).all()
