@@ -358,12 +358,7 @@ def main(argv=None):
     if args.quick:
         ns, dims, rep = [n for n in ns if n <= 16384] or [4096], dims[:1], 50
     device = torch.device("cuda")
-    card = torch.cuda.get_device_name()
-    import triton
-
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0]] + (argv or sys.argv[1:]))
-    head = (f"## {datetime.datetime.now():%Y-%m-%d %H:%M} — {card}, torch {torch.__version__}, "
-            f"triton {triton.__version__}\n\nCommand: `{command}`\n")
+    head = results_header(argv)
     out_dir = os.environ.get("OUT")
     if args.sweep:
         import json
@@ -394,15 +389,28 @@ def main(argv=None):
     sections.append("\n".join(timing_table(results, ns, dims)) + "\n")
     text = "\n".join(sections)
     print(text)
-    out = Path(args.out)
+    append_results(text, Path(args.out), "attention.md")
+    return 0 if ok else 1
+
+
+def results_header(argv) -> str:
+    """Markdown heading for one run: date, card, versions and the command line."""
+    import triton
+
+    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0]] + (argv or sys.argv[1:]))
+    return (f"## {datetime.datetime.now():%Y-%m-%d %H:%M} — {torch.cuda.get_device_name()}, "
+            f"torch {torch.__version__}, triton {triton.__version__}\n\nCommand: `{command}`\n")
+
+
+def append_results(text: str, out: Path, copy_name: str) -> None:
+    """Appends a run's text to the results file (and copies it to $OUT/copy_name when OUT is set)."""
     if not out.exists():
         out.write_text("# Attention benchmark results\n\nAppended by `benchmarks/attention.py` "
                        "(see its docstring for the method). Newest last.\n\n")
     with out.open("a") as f:
         f.write(text + "\n")
-    if out_dir:
-        Path(out_dir, "attention.md").write_text(text)
-    return 0 if ok else 1
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], copy_name).write_text(text)
 
 
 if __name__ == "__main__":

@@ -45,38 +45,101 @@ _CONTIGUOUS_CACHE: dict = {}
 
 
 # ----------------------------------------------------------------------------- the transform
+# Each score element runs one short PTX sequence (inline asm, one element at a time), so that what
+# reaches the special-function unit (MUFU) is explicit. t = max(diff, 0) becomes a float with an
+# integer OR and one FADD (t < 2^23) instead of a quarter-rate I2F conversion. Then
+#   x = 1 + t/tau,  y = log2 x,  u = 1 + m = 1 + 2 ln2 y,  a = sqrt(u)
+#   forward L = s a + (1 - u),  backward dL/ds = a.
+# Variants (docs/kernel.md has each one's measured cost):
+#   mufu    y = lg2.approx, a = sqrt.approx: 2 MUFU per element beside the softmax's exp2
+#   swlog   y in software: exponent bits + a degree-5 polynomial of the mantissa (5 FMA,
+#           |error| <= 6e-5 in log2), a on the MUFU: 1 MUFU
+#   swsqrt  y on the MUFU, a = u rsqrt(u) with the bit-trick guess and two Newton steps (8 FMA,
+#           relative error <= 5e-6): 1 MUFU
+#   sw      both in software: 0 MUFU
+VARIANTS = ("mufu", "swlog", "swsqrt", "sw")
+DEFAULT_VARIANT = "swlog"
+VARIANT = DEFAULT_VARIANT  # what forward/backward use (benchmarks/hopper_variants.py sets it)
+
+_F32 = {"one": "0f3F800000", "e23": "0f4B000000", "e23_bias": "0f4B00007F", "two_ln2": "0f3FB17218",
+        "m05": "0fBF000000", "one5": "0f3FC00000", "c1": "0f3FB8A7A1", "c2": "0fBF379168",
+        "c3": "0f3EE270F8", "c4": "0fBE692B24", "c5": "0f3D7584DD"}
+
+
+def _f32_hex(x: float) -> str:
+    import struct
+
+    return "0f%08X" % struct.unpack("<I", struct.pack("<f", x))[0]
+
+
+def transform_ptx(tau: float, variant: str, backward: bool) -> str:
+    """PTX for one element: inputs $1 (f32: scaled score s, or dL in backward) and $2 (s32:
+    q_idx - kv_idx); output $0 (f32: the logit L, or dL * a(t))."""
+    c = dict(_F32, inv_tau=_f32_hex(1.0 / tau))
+    log2 = ("lg2.approx.ftz.f32 y, x;" if variant in ("mufu", "swsqrt") else
+            "mov.b32 xb, x; shr.u32 eb, xb, 23; or.b32 eb, eb, 0x4B000000; mov.b32 e, eb;"
+            " sub.ftz.f32 e, e, {e23_bias}; and.b32 mb, xb, 0x007FFFFF; or.b32 mb, mb, 0x3F800000;"
+            " mov.b32 z, mb; sub.ftz.f32 z, z, {one}; fma.rn.ftz.f32 p, z, {c5}, {c4};"
+            " fma.rn.ftz.f32 p, p, z, {c3}; fma.rn.ftz.f32 p, p, z, {c2};"
+            " fma.rn.ftz.f32 p, p, z, {c1}; fma.rn.ftz.f32 y, p, z, e;")
+    newton = "mul.ftz.f32 r2, r, r; fma.rn.ftz.f32 k, h, r2, {one5}; mul.ftz.f32 r, r, k;"
+    sqrt = ("sqrt.approx.ftz.f32 a, u;" if variant in ("mufu", "swlog") else
+            "mov.b32 ub, u; shr.u32 rb, ub, 1; sub.s32 rb, 0x5F3759DF, rb; mov.b32 r, rb;"
+            " mul.ftz.f32 h, u, {m05}; " + newton + " " + newton + " mul.ftz.f32 a, u, r;")
+    tail = ("mul.ftz.f32 $0, $1, a;" if backward else
+            "sub.ftz.f32 w, {one}, u; fma.rn.ftz.f32 $0, $1, a, w;")
+    body = ("max.s32 d, $2, 0; or.b32 tb, d, 0x4B000000; mov.b32 t, tb; sub.ftz.f32 t, t, {e23};"
+            " fma.rn.ftz.f32 x, t, {inv_tau}, {one}; " + log2
+            + " fma.rn.ftz.f32 u, y, {two_ln2}, {one}; " + sqrt + " " + tail)
+    decl = (".reg .s32 d, rb; .reg .b32 tb, xb, eb, mb, ub;"
+            " .reg .f32 t, x, y, u, a, w, e, z, p, r, r2, h, k;")
+    return "{\n" + decl + "\n" + body.format(**c).replace("; ", ";\n") + "\n}"
+
+
 @functools.lru_cache(maxsize=None)
-def score_mods(tau: float):
-    """(score_mod, score_mod_bwd) for FA4 with tau baked in as a compile-time constant.
+def score_mods(tau: float, variant: str = DEFAULT_VARIANT):
+    """(score_mod, score_mod_bwd) for FA4, with tau and the variant compiled in.
 
-    FA4 calls score_mod on vectors (TensorSSA) of scores already multiplied by softmax_scale, with
-    the matching q_idx / kv_idx vectors (int32). score_mod_bwd gets dL (the gradient w.r.t. the
-    modified score) and returns the gradient w.r.t. the scaled score: dL * a(t).
+    FA4 calls score_mod on short vectors (TensorSSA) of scores already multiplied by softmax_scale,
+    with the matching q_idx / kv_idx (int32). score_mod_bwd gets dL (the gradient w.r.t. the
+    modified score) and returns the gradient w.r.t. the scaled score, dL * a(t).
     """
-    inv_tau = 1.0 / tau
-    two_ln2 = 2.0 * math.log(2.0)
+    from cutlass._mlir.dialects import llvm
+    from cutlass.cutlass_dsl import T, dsl_user_op
 
-    @cute.jit
-    def _m_and_a(like, q_idx, kv_idx):
-        diff = q_idx - kv_idx
-        t = cute.where(diff >= cute.full_like(diff, 0), diff, cute.full_like(diff, 0))
-        x = t.to(cutlass.Float32) * cute.full_like(like, inv_tau) + cute.full_like(like, 1.0)
-        m = cute.math.log2(x, fastmath=True) * cute.full_like(like, two_ln2)
-        a = cute.math.sqrt(m + cute.full_like(like, 1.0), fastmath=True)
-        return m, a
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown Hopper transform variant {variant!r}; choose one of {VARIANTS}")
+
+    def elementwise(ptx):
+        @dsl_user_op
+        def op(x, diff, *, loc=None, ip=None):
+            return cutlass.Float32(llvm.inline_asm(
+                T.f32(), [cutlass.Float32(x).ir_value(loc=loc, ip=ip),
+                          cutlass.Int32(diff).ir_value(loc=loc, ip=ip)],
+                ptx, "=f,f,r", has_side_effects=False, is_align_stack=False,
+                asm_dialect=llvm.AsmDialect.AD_ATT))
+        return op
+
+    fwd_op = elementwise(transform_ptx(tau, variant, backward=False))
+    bwd_op = elementwise(transform_ptx(tau, variant, backward=True))
 
     @cute.jit
     def score_mod(scores, b_idx, h_idx, q_idx, kv_idx, seqlen_info, aux_tensors):
-        s = scores.to(cutlass.Float32)
-        m, a = _m_and_a(s, q_idx, kv_idx)
-        return s * a - m
+        out = cute.make_rmem_tensor(scores.shape, cutlass.Float32)
+        for i in cutlass.range_constexpr(cute.size(scores.shape)):
+            out[i] = fwd_op(scores[i], q_idx[i] - kv_idx[i])
+        return out.load()
 
     @cute.jit
     def score_mod_bwd(grad, scores, b_idx, h_idx, q_idx, kv_idx, seqlen_info, aux_tensors):
-        g = grad.to(cutlass.Float32)
-        _, a = _m_and_a(g, q_idx, kv_idx)
-        return g * a
+        out = cute.make_rmem_tensor(grad.shape, cutlass.Float32)
+        for i in cutlass.range_constexpr(cute.size(grad.shape)):
+            out[i] = bwd_op(grad[i], q_idx[i] - kv_idx[i])
+        return out.load()
 
+    # FA4 caches compiled kernels by a hash of the callable; name what differs explicitly.
+    score_mod.__cute_hash__ = f"scaleinv-si-fwd-{variant}-{tau!r}"
+    score_mod_bwd.__cute_hash__ = f"scaleinv-si-bwd-{variant}-{tau!r}"
     return score_mod, score_mod_bwd
 
 
@@ -132,7 +195,7 @@ def _bnhd(x: torch.Tensor) -> torch.Tensor:
 
 
 def _mods(transform: str, tau: float):
-    return score_mods(float(tau)) if transform == "scale_invariant" else (None, None)
+    return score_mods(float(tau), VARIANT) if transform == "scale_invariant" else (None, None)
 
 
 def forward(q, k, v, q_pos=None, k_pos=None, q_seg=None, k_seg=None, *, scale, tau, causal,

@@ -5,6 +5,7 @@ reports why it can't run. On an sm90 GPU with flash-attn-4 (`-m gpu`): bf16 agai
 reference for out, lse, dq, dk, dv at several head dims, with GQA; "auto" picks it only where it
 applies, and the Triton kernel elsewhere.
 """
+import numpy as np
 import pytest
 import torch
 
@@ -94,3 +95,64 @@ def test_auto_uses_hopper_only_where_it_applies(monkeypatch):
     gapped = torch.cat([pos[:128], pos[128:] + 50])
     out = scale_invariant_attention(q, q, q, gapped, gapped, tau=TAU)  # Triton
     assert calls == [1] and torch.isfinite(out).all()
+
+
+# ----------------------------------------------------------------------------- the PTX, on CPU
+def _run_ptx(ptx: str, x: np.ndarray, diff: np.ndarray) -> np.ndarray:
+    """Executes the transform's PTX on float32 / int32 arrays (the handful of opcodes it uses;
+    lg2.approx and sqrt.approx as exact float32 log2 / sqrt, which they approximate to ~2^-22)."""
+    regs = {"$1": x.astype(np.float32), "$2": diff.astype(np.int32)}
+    f32, u32, i32 = np.float32, np.uint32, np.int32
+
+    def val(tok, kind):
+        if tok in regs:
+            return regs[tok].view(kind) if regs[tok].dtype != kind else regs[tok]
+        if tok.startswith("0f"):
+            return np.array([int(tok[2:], 16)], dtype=u32).view(f32)[0]
+        return kind(int(tok, 0)) if kind is not f32 else f32(float(tok))
+
+    for line in ptx.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line[0] in "{}." or line.startswith(".reg"):
+            continue
+        op, args = line.split(None, 1)
+        dst, *src = [a.strip() for a in args.split(",")]
+        if op in ("mov.b32",):
+            out = regs[src[0]].copy() if src[0] in regs else val(src[0], f32)
+        elif op in ("or.b32", "and.b32", "shr.u32"):
+            a, b = val(src[0], u32), val(src[1], u32)
+            out = {"or.b32": a | b, "and.b32": a & b, "shr.u32": a >> b}[op].astype(u32)
+        elif op in ("max.s32", "sub.s32"):
+            a, b = val(src[0], i32), val(src[1], i32)
+            out = (np.maximum(a, b) if op == "max.s32" else np.asarray(a - b)).astype(i32)
+        elif op == "fma.rn.ftz.f32":
+            a, b, c = (np.asarray(val(t, f32), dtype=np.float64) for t in src)
+            out = (a * b + c).astype(f32)
+        elif op in ("sub.ftz.f32", "mul.ftz.f32"):
+            a, b = val(src[0], f32), val(src[1], f32)
+            out = np.asarray(a - b if op.startswith("sub") else a * b, dtype=f32)
+        elif op == "lg2.approx.ftz.f32":
+            out = np.log2(val(src[0], f32)).astype(f32)
+        elif op == "sqrt.approx.ftz.f32":
+            out = np.sqrt(val(src[0], f32)).astype(f32)
+        else:
+            raise AssertionError(f"opcode {op} not emulated")
+        regs[dst] = np.asarray(out)
+    return regs["$0"].view(np.float32)
+
+
+@pytest.mark.parametrize("variant", hopper.VARIANTS)
+@pytest.mark.parametrize("tau", [10.0, 3.0])
+def test_transform_ptx_matches_float64(variant, tau):
+    """Every variant's PTX, run op by op, against the float64 transform: |L - ref| <= 2e-4 (1 + |s|)
+    and |dL*a - ref| <= 2e-4 |dL| a, for t from 0 to 2^22 and negative differences (clamped)."""
+    rng = np.random.default_rng(0)
+    diff = np.concatenate([np.arange(-5, 300), rng.integers(0, 1 << 22, 2000)]).astype(np.int32)
+    s = rng.normal(0, 3, diff.shape).astype(np.float32)
+    t = np.maximum(diff, 0).astype(np.float64)
+    m = 2 * np.log1p(t / tau)
+    a = np.sqrt(1 + m)
+    logit = _run_ptx(hopper.transform_ptx(tau, variant, backward=False), s, diff)
+    grad = _run_ptx(hopper.transform_ptx(tau, variant, backward=True), s, diff)
+    assert np.all(np.abs(logit - (a * s - m)) <= 2e-4 * (1 + np.abs(s)))
+    assert np.all(np.abs(grad - s * a) <= 2e-4 * np.abs(s) * a + 1e-30)

@@ -1,0 +1,106 @@
+"""What the scale-invariant transform costs inside FlashAttention-4's Hopper kernels, per variant.
+
+    python benchmarks/hopper_variants.py [--n 16384,65536] [--d 128,64] [--variants mufu,swlog,...]
+
+For each head dim and length, in bf16, causal, on one sm90 GPU in one run: FA4's SM90 forward and
+backward plain (no score_mod) and with each variant of our transform (kernels/flash_si_hopper.py:
+which of log2 and sqrt run on the special-function unit and which in FMA software), called
+directly (no autograd). Each variant is first checked against the float64 reference at N = 4096
+(relative error of out, lse, dq, dk, dv). The table gives TFLOP/s (same FLOP count as
+benchmarks/attention.py) and each variant's speed as a fraction of plain FA4, and the extra time
+per score element in picoseconds. Appended to benchmarks/RESULTS.md with date, card and command.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from attention import append_results, fwd_flops, rel_err, results_header, shape_for  # noqa: E402
+from scaleinv_dist import attention_reference  # noqa: E402
+from scaleinv_dist.kernels import flash_si_hopper as hopper  # noqa: E402
+
+TAU = 10.0
+
+
+def run(variant, transform, q, k, v, do, timed, rep):
+    from triton.testing import do_bench
+
+    hopper.VARIANT = variant
+    opts = dict(scale=q.shape[-1] ** -0.5, tau=TAU, causal=True, transform=transform)
+    out, lse = hopper.forward(q, k, v, **opts)
+    grads = hopper.backward(do, q, k, v, out, lse, **opts)
+    if not timed:
+        return out, lse, grads
+    t_f = do_bench(lambda: hopper.forward(q, k, v, **opts), rep=rep, return_mode="median")
+    t_b = do_bench(lambda: hopper.backward(do, q, k, v, out, lse, **opts), rep=rep,
+                   return_mode="median")
+    return t_f, t_b
+
+
+def check(variant, d, device):
+    n = 4096
+    g = torch.Generator(device=device).manual_seed(d)
+    q, k, v, do = (torch.randn(1, 2, n, d, device=device, generator=g).bfloat16() for _ in range(4))
+    out, lse, grads = run(variant, "scale_invariant", q, k, v, do, False, 0)
+    pos = torch.arange(n, device=device)[None]
+    opts = dict(scale=d ** -0.5, tau=TAU, causal=True, transform="scale_invariant")
+    r_out, r_lse = attention_reference.forward(q.double(), k.double(), v.double(), pos, pos, **opts)
+    r_grads = attention_reference.backward(do.double(), q.double(), k.double(), v.double(), r_out,
+                                           r_lse, pos, pos, **opts)
+    return [rel_err(x, r) for x, r in zip((out, lse, *grads), (r_out, r_lse, *r_grads))]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", default="16384,65536")
+    ap.add_argument("--d", default="128,64")
+    ap.add_argument("--variants", default=",".join(hopper.VARIANTS))
+    ap.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    args = ap.parse_args(argv)
+    if hopper.IMPORT_ERROR is not None or not torch.cuda.is_available():
+        sys.exit(f"benchmarks/hopper_variants.py needs an sm90 GPU and flash-attn-4 "
+                 f"({hopper.IMPORT_ERROR or 'no CUDA'})")
+    device = torch.device("cuda")
+    ns, dims = [int(x) for x in args.n.split(",")], [int(x) for x in args.d.split(",")]
+    variants = [x for x in args.variants.split(",") if x]
+    lines = ["| D | variant | out | lse | dq | dk | dv |", "|---|---|---|---|---|---|---|"]
+    for d in dims:
+        for variant in variants:
+            errs = check(variant, d, device)
+            lines.append(f"| {d} | {variant} | " + " | ".join(f"{e:.2e}" for e in errs) + " |")
+            print(lines[-1], flush=True)
+    lines += ["", "| D | N (BxH) | kernel | fwd TFLOP/s | bwd TFLOP/s | fwd / plain | bwd / plain "
+              "| extra fwd ps/elem | extra bwd ps/elem |", "|---|---|---|---|---|---|---|---|---|"]
+    for d in dims:
+        for n in ns:
+            b, h = shape_for(n)
+            g = torch.Generator(device=device).manual_seed(n + d)
+            q, k, v, do = (torch.randn(b, h, n, d, device=device, generator=g, dtype=torch.bfloat16)
+                           for _ in range(4))
+            flops, elems = fwd_flops(b, h, n, d), b * h * n * n / 2
+            plain = run("mufu", "none", q, k, v, do, True, args.rep)
+            for name, (t_f, t_b) in [("fa4 plain", plain)] + [
+                    (f"si {vname}", run(vname, "scale_invariant", q, k, v, do, True, args.rep))
+                    for vname in variants]:
+                lines.append(
+                    f"| {d} | {n} ({b}x{h}) | {name} | {flops / t_f / 1e9:.0f} | "
+                    f"{2.5 * flops / t_b / 1e9:.0f} | {plain[0] / t_f:.3f} | {plain[1] / t_b:.3f} | "
+                    f"{(t_f - plain[0]) * 1e9 / elems:.3f} | {(t_b - plain[1]) * 1e9 / elems:.3f} |")
+                print(lines[-1], flush=True)
+    text = results_header(argv) + "\nHopper transform variants (benchmarks/hopper_variants.py)\n\n" \
+        + "\n".join(lines) + "\n"
+    print(text)
+    append_results(text, Path(args.out), "hopper_variants.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
