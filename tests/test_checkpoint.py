@@ -421,6 +421,55 @@ def test_killed_during_a_real_save_resumes_from_the_previous(tmp_path, train_env
     assert not (out / "checkpoints" / ".tmp-step_00000004").exists()
 
 
+@pytest.mark.slow
+def test_a_real_run_resumes_past_a_damaged_checkpoint(tmp_path, train_env):
+    """1-process DeepSpeed runs: a run preempted at step 4 whose step-4 checkpoint is then truncated
+    resumes from step 2, saying so in one line, with the losses of an uninterrupted run; once every
+    checkpoint is damaged a restart exits 2 with one line and trains nothing."""
+    def train(out, env=train_env):
+        args = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
+                *TINY, f"run.out_dir={out}", "train.steps=6", "train.checkpoint_every=2",
+                "train.keep_checkpoints=3"]
+        return subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+
+    def losses(out):
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in records if "split" not in r}
+
+    full, parts = tmp_path / "full", tmp_path / "parts"
+    r = train(full)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = train(parts, {**train_env, "SCALEINV_TEST_PREEMPT_AT_STEP": "4"})
+    assert r.returncode == 75, r.stderr[-2000:]
+    ck = parts / "checkpoints"
+    assert latest_checkpoint(parts) == ck / "step_00000004"
+    reason = damage(ck / "step_00000004", "truncated")
+    r = train(parts)
+    assert r.returncode == 0, r.stderr[-2000:]
+    warnings = [line for line in r.stdout.splitlines() if "damaged" in line]
+    assert warnings == [f"warning: checkpoint step 4 is damaged ({reason}); resuming from step 2"], r.stdout
+    assert f"resumed from {ck / 'step_00000002'} (step 2)" in r.stdout
+    a, b = losses(full), losses(parts)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-6 * abs(a[step]), (step, a[step], b[step])
+    assert latest_checkpoint(parts) == ck / "step_00000006"
+    assert all(rd.verify_checkpoint(ck / ckpt.tag_for(s)) is None for s in (2, 4, 6))
+
+    # every checkpoint damaged: exit 2, one line, no fresh start
+    why = {s: damage(ck / ckpt.tag_for(s), "flipped", "trainer_state.json") for s in (6, 4, 2)}
+    before = (parts / "metrics.jsonl").read_text()
+    r = train(parts)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert [line for line in r.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: checkpoint step 6 is damaged ({why[6]}); checkpoint step 4 is damaged ({why[4]}); "
+        f"checkpoint step 2 is damaged ({why[2]}); no intact checkpoint is left under {ck}: restore one "
+        f"from a copy, or delete {ck} to start the run over"], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert (parts / "metrics.jsonl").read_text() == before
+    assert ckpt.published_steps(parts) == [2, 4, 6] and latest_checkpoint(parts) == ck / "step_00000006"
+
+
 TINY = ["model.n_layer=2", "model.d_model=64", "model.n_head=2", "model.n_kv_head=1", "train.seq_len=64",
         "train.micro_batch_size=4", "run.log_every=1", "run.wandb=disabled", "run.progress=false",
         "data.vocab_size=300", "data.max_documents=12", "attention.backend=reference"]

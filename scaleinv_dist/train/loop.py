@@ -43,7 +43,7 @@ from ..config import save_config
 from ..data.batches import IGNORE_INDEX
 from ..model import build_model
 from . import faults
-from .checkpoint import Checkpointer
+from .checkpoint import Checkpointer, CheckpointError
 from .engine import build_engine, deepspeed_config, grad_divisor, setup_distributed, use_bf16
 from .interrupts import (NonFiniteLoss, PeerFailure, Preempted, StopFlag,  # noqa: F401
                          TrainingInterrupted, is_distributed_failure)
@@ -65,7 +65,7 @@ def train(cfg) -> dict:
         trainer.setup()
         trainer.resume()
         return trainer.run()
-    except TrainingInterrupted:
+    except (TrainingInterrupted, CheckpointError):
         raise
     except Exception as err:
         if is_distributed_failure(err):
