@@ -22,6 +22,7 @@ import re
 import struct
 import sys
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -87,12 +88,19 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def _sha256_many(paths: list[Path]) -> list[str]:
+    """sha256 of each file, several at once (hashlib releases the GIL while it hashes)."""
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        return list(pool.map(_sha256, paths))
+
+
 def write_manifest(folder: str | Path) -> Path:
     """folder/manifest.json: {"format": 1, "files": {relative path: {"size": bytes, "sha256": hex}}}
     for every file under folder. Written (and fsynced) before the folder is published."""
     folder = Path(folder)
-    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
-             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    paths = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST]
+    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": digest}
+             for p, digest in zip(paths, _sha256_many(paths))}
     path = folder / MANIFEST
     with open(path, "w") as f:
         json.dump({"format": MANIFEST_FORMAT, "files": files}, f, indent=1)
@@ -121,8 +129,9 @@ def verify_checkpoint(folder: str | Path) -> str | None:
             return f"{rel} missing"
         if path.stat().st_size != size:
             return f"{rel}: size {path.stat().st_size} != {size}"
-    for rel, _, digest in listed:
-        if _sha256(folder / rel) != digest:
+    digests = _sha256_many([folder / rel for rel, _, _ in listed])
+    for (rel, _, digest), found in zip(listed, digests):
+        if found != digest:
             return f"{rel}: sha256 differs from the manifest"
     return None
 
