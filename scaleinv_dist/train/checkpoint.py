@@ -42,7 +42,7 @@ import torch
 from safetensors.numpy import load_file as np_load_file
 from safetensors.numpy import save_file as np_save_file
 
-from ..run_dir import (TAG_RE, TRAINER_STATE, checkpoints_dir, latest_checkpoint,  # noqa: F401
+from ..run_dir import (TRAINER_STATE, checkpoints_dir, latest_checkpoint,
                        newest_intact_checkpoint, published_steps, save_weights, tag_for, write_manifest)
 from . import faults
 
