@@ -149,12 +149,11 @@ def _safetensors_problem(path: Path) -> str | None:
 
 
 def check_readable(folder: Path) -> str | None:
-    """The check for checkpoints without a manifest: trainer_state.json and model.safetensors are
+    """The check for checkpoints without a manifest: model.safetensors (what every reader needs) is
     present, every JSON file parses, every safetensors file is as long as its header says and every
     torch zip archive (.pt) passes its CRC check. None if so, else the first problem."""
-    for name in (TRAINER_STATE, WEIGHTS):
-        if not (folder / name).is_file():
-            return f"{name} missing"
+    if not (folder / WEIGHTS).is_file():
+        return f"{WEIGHTS} missing"
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()
         if path.suffix == ".json":

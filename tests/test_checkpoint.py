@@ -313,7 +313,8 @@ def _flip_weight(folder: Path, value: float) -> str:
 
 
 @pytest.mark.parametrize("kind, name", [("truncated", DS_FILE), ("flipped", DS_FILE),
-                                        ("truncated", "model.safetensors"), ("missing", "trainer_state.json")])
+                                        ("truncated", "model.safetensors"), ("missing", "model.safetensors"),
+                                        ("flipped", "rank_00000.json")])
 def test_checkpoints_without_a_manifest_get_a_readability_check(tmp_path, kind, name):
     """Written before manifests existed: loadable ones are used (and said to be unverified)."""
     for step in (20, 40):
@@ -324,17 +325,21 @@ def test_checkpoints_without_a_manifest_get_a_readability_check(tmp_path, kind, 
     assert choice.folder == ck / "step_00000040" and not choice.verified and not choice.skipped
     assert choice.report("resuming from") == ("checkpoint step 40 predates checkpoint manifests (no "
                                               "manifest.json): checked for readability only; resuming from step 40")
-    if kind == "flipped":
+    if kind == "flipped" and name == DS_FILE:
         reason = _flip_weight(ck / "step_00000040", 40.0)
-    elif name == "model.safetensors":  # the last 4 bytes of tensor data cut off
+    elif kind == "truncated" and name == "model.safetensors":  # the last 4 bytes of tensor data cut off
         path = ck / "step_00000040" / name
         n = path.stat().st_size
         path.write_bytes(path.read_bytes()[:-4])
         reason = f"model.safetensors: size {n - 4} != {n} (its header)"
+    elif name == "rank_00000.json":  # its first byte: no longer JSON
+        path = ck / "step_00000040" / name
+        path.write_bytes(b"X" + path.read_bytes()[1:])
+        reason = "rank_00000.json: not valid JSON"
     else:
         damage(ck / "step_00000040", kind, name)
         reason = {DS_FILE: f"{DS_FILE}: not a readable torch zip archive",
-                  "trainer_state.json": "trainer_state.json missing"}[name]
+                  "model.safetensors": "model.safetensors missing"}[name]
     choice = rd.newest_intact_checkpoint(tmp_path)
     assert choice.folder == ck / "step_00000020" and not choice.verified
     assert [f.name for f, _ in choice.skipped] == ["step_00000040"]
