@@ -345,24 +345,28 @@ def choose_resume_folder(run_dir: str | Path) -> tuple[Path | None, str | None]:
     skipping damaged checkpoints rank 0 points `latest` at the one chosen. CheckpointError (exit 2)
     when checkpoints exist but none is intact: never a silent start from scratch.
     """
-    answer = [None]
-    if _rank() == 0:
-        choice = newest_intact_checkpoint(run_dir)
-        line = choice.report("resuming from")
-        if choice.folder is None and choice.skipped:
-            ck = checkpoints_dir(run_dir)
-            line = (f"{line}; no intact checkpoint is left under {ck}: restore one from a copy, or "
-                    f"delete {ck} to start the run over")
-        elif choice.skipped:
-            write_latest(run_dir, choice.folder.name)
-        answer = [(None if choice.folder is None else str(choice.folder), line, choice.folder is None
-                   and bool(choice.skipped))]
+    answer = [_choose_on_rank0(run_dir) if _rank() == 0 else None]
     if _world() > 1:
         _dist().broadcast_object_list(answer, src=0)
-    folder, line, fatal = answer[0]
-    if fatal:
+    folder, line, none_intact = answer[0]
+    if none_intact:
         raise CheckpointError(line)
     return (None if folder is None else Path(folder)), line
+
+
+def _choose_on_rank0(run_dir: str | Path) -> tuple[str | None, str | None, bool]:
+    """(folder, line, whether checkpoints exist but none is intact) for choose_resume_folder."""
+    choice = newest_intact_checkpoint(run_dir)
+    line = choice.report("resuming from")
+    if choice.folder is None:
+        if not choice.skipped:
+            return None, None, False  # a new run
+        ck = checkpoints_dir(run_dir)
+        return None, (f"{line}; no intact checkpoint is left under {ck}: restore one from a copy, "
+                      f"or delete {ck} to start the run over"), True
+    if choice.skipped:
+        write_latest(run_dir, choice.folder.name)
+    return str(choice.folder), line, False
 
 
 class Checkpointer:

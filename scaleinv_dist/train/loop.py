@@ -27,12 +27,12 @@ timeout, 75 preempted (checkpoint written: requeue and the job resumes).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import random
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +77,7 @@ def train(cfg) -> dict:
         raise
 
 
-@dataclass
+@dataclasses.dataclass
 class StepResult:
     """What one optimizer step did, the same on every rank."""
     step: int                  # optimizer steps completed, this one included
@@ -107,15 +107,7 @@ class Trainer:
         seed_everything(cfg.run.seed)
         self.topology, self.dp_rank, self.dp_size = self._init_topology()
         deepspeed_config(cfg)  # config errors before the (slow) data preparation
-        _prepare_data(cfg, self.env)
-        from ..data import build_data
-        self.bundle = build_data(cfg, self.dp_rank, self.dp_size)
-        self.loader = self.bundle.train_loader
-        resolved = copy.deepcopy(cfg)
-        if resolved.model.vocab_size == 0:
-            resolved.model.vocab_size = int(self.bundle.tokenizer.vocab_size)
-        if self.env.is_main:
-            _write_run_files(resolved, self.out_dir, self.bundle.tokenizer)
+        resolved = self._setup_data()
         seed_everything(cfg.run.seed)  # the same initial weights whatever data preparation consumed
         self.model = self.build_model(resolved)
         self.optimizer = build_optimizer(self.model, cfg)
@@ -132,6 +124,20 @@ class Trainer:
         from ..parallel.topology import init_topology_from_config
         topo = init_topology_from_config(self.cfg.parallel, timeout_s=self.cfg.train.collective_timeout_s)
         return topo, topo.dp_rank, topo.dp_size
+
+    def _setup_data(self):
+        """Token caches (rank 0 first), this rank's loaders, and the run directory's config.yaml and
+        tokenizer.model; returns the resolved config (model.vocab_size from the tokenizer)."""
+        _prepare_data(self.cfg, self.env)
+        from ..data import build_data
+        self.bundle = build_data(self.cfg, self.dp_rank, self.dp_size)
+        self.loader = self.bundle.train_loader
+        resolved = copy.deepcopy(self.cfg)
+        if resolved.model.vocab_size == 0:
+            resolved.model.vocab_size = int(self.bundle.tokenizer.vocab_size)
+        if self.env.is_main:
+            _write_run_files(resolved, self.out_dir, self.bundle.tokenizer)
+        return resolved
 
     def build_model(self, resolved) -> torch.nn.Module:
         """The model, built once here on every rank (same seed: same weights), then made context-
@@ -164,8 +170,7 @@ class Trainer:
         """Host batch -> this rank's (tokens, labels, positions, doc_ids) on the device, CP-sharded;
         doc_ids None without data.document_masking."""
         if not self.cfg.data.document_masking:
-            batch = copy.copy(batch)
-            batch.doc_ids = None
+            batch = dataclasses.replace(batch, doc_ids=None)
         if self.sharder is not None:
             batch = self.sharder(batch)
         to = lambda t: None if t is None else t.to(self.device, non_blocking=True)  # noqa: E731
