@@ -59,23 +59,24 @@ def main(argv=None) -> int:
     if args.local_rank is not None and "LOCAL_RANK" not in os.environ:  # deepspeed launcher
         os.environ["LOCAL_RANK"] = str(args.local_rank)
 
+    from scaleinv_dist.cli import EXIT_OK, EXIT_USAGE
     from scaleinv_dist.config import ConfigError, load_config
+    from scaleinv_dist.data.errors import DataError
+    from scaleinv_dist.parallel.layouts import LayoutError
+    from scaleinv_dist.parallel.topology import TopologyError
     from scaleinv_dist.train.checkpoint import CheckpointError
     try:
-        from scaleinv_dist.data.errors import DataError
-    except ImportError:  # pragma: no cover
-        DataError = ConfigError
-    user_errors = (ConfigError, DataError, CheckpointError)
-    try:
         cfg = load_config(args.config, args.overrides)
-    except user_errors as err:
-        _die(2, str(err))
+    except (ConfigError, DataError, CheckpointError) as err:
+        _die(EXIT_USAGE, str(err))
 
     from scaleinv_dist.train.loop import PeerFailure, Preempted, TrainingInterrupted, train
     try:
         summary = train(cfg)
-    except user_errors as err:
-        _die(2, str(err))
+    except (ConfigError, DataError, CheckpointError) as err:
+        _die(EXIT_USAGE, str(err))
+    except (LayoutError, TopologyError) as err:  # context-parallel layout / topology mistakes
+        _die(EXIT_USAGE, str(err).splitlines()[0])
     except Preempted as err:
         if _rank() == 0:
             print(f"preempted: {err}", file=sys.stderr, flush=True)
@@ -85,16 +86,12 @@ def main(argv=None) -> int:
         _exit(err.exit_code, hard=True)
     except TrainingInterrupted as err:  # NonFiniteLoss: every rank knows the same
         _die(err.exit_code, str(err), all_ranks=False)
-    except Exception as err:  # sequence-parallel layout / topology mistakes of the user
-        if type(err).__name__ in ("LayoutError", "TopologyError"):
-            _die(2, str(err).splitlines()[0])
-        raise
     if summary and _rank() == 0:
         loss = summary.get("final_loss")
         print(f"done: step {summary['step']}, loss {loss if loss is None else round(loss, 4)}, "
               f"{summary['wall_s']} s; checkpoint {summary['checkpoint']}", flush=True)
-    _exit(0)
-    return 0
+    _exit(EXIT_OK)
+    return EXIT_OK
 
 
 if __name__ == "__main__":

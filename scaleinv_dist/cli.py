@@ -5,8 +5,15 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+# process exit codes of every entry point (launch/train.py uses them all; docs/training.md)
+EXIT_OK = 0
+EXIT_USAGE = 2          # a user mistake: bad config, data, checkpoint or argument
+EXIT_NONFINITE = 3      # training: non-finite loss with train.nan_policy=stop
+EXIT_PEER_FAILURE = 4   # training: another rank died or a collective timed out
+EXIT_PREEMPTED = 75     # training: preempted, checkpoint written (sysexits.h EX_TEMPFAIL: try again)
 
-def die(message: str, code: int = 2) -> None:
+
+def die(message: str, code: int = EXIT_USAGE) -> None:
     """Print `error: message` to stderr and exit with `code`."""
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(code)

@@ -1,12 +1,13 @@
 """Training: optimizers and schedules (fast, in process), then real DeepSpeed CPU runs in subprocesses
 (slow): exact resume on 2 ranks, NaN policies, SIGUSR1 preemption, a dead / hung rank, CLI errors.
 
-Fault injection uses test-only environment variables read by scaleinv_dist.train.loop:
+Fault injection uses test-only environment variables read by scaleinv_dist.train.faults:
 SCALEINV_TEST_PREEMPT_AT_STEP, SCALEINV_TEST_NAN_AT_STEP, SCALEINV_TEST_DIE_AT_STEP /
 SCALEINV_TEST_HANG_AT_STEP with SCALEINV_TEST_DIE_RANK.
 """
 import json
 import math
+import os
 import signal
 import socket
 import subprocess
@@ -20,6 +21,7 @@ import torch
 from scaleinv_dist.config import load_config
 from scaleinv_dist.run_dir import latest_checkpoint, load_trained_model
 from scaleinv_dist.train.loop import EXIT_NONFINITE, EXIT_PEER_FAILURE, EXIT_PREEMPTED
+from scaleinv_dist.train import faults
 from scaleinv_dist.train.optim import AdamW, Muon, build_optimizer, newton_schulz
 from scaleinv_dist.train.schedule import LRSchedule, build_scheduler
 
@@ -169,6 +171,25 @@ def test_scheduler_drives_group_lrs():
     assert lrs[0]["muon"] == pytest.approx(0.025) and lrs[0]["adamw_decay"] == pytest.approx(0.0025)
     assert lrs[4]["muon"] == pytest.approx(0.1) and lrs[4]["adamw_no_decay"] == pytest.approx(0.01)
     assert all(f is None for f in sched.state_dict()["lr_lambdas"])  # the shape is not saved
+
+
+# ============================================================================= fast: fault hook
+def test_fault_hook_is_inert_unless_its_variable_names_the_step(monkeypatch):
+    for key in [k for k in os.environ if k.startswith("SCALEINV_TEST_")]:
+        monkeypatch.delenv(key)
+    x = torch.tensor(2.0)
+    assert faults.inject("micro_loss", 3, 0, value=x) is x
+    assert faults.inject("step_end", 3, 0, value=None) is None
+    faults.inject("step_start", 3, 1)
+    faults.inject("save:before_publish", 3)
+    monkeypatch.setenv("SCALEINV_TEST_NAN_AT_STEP", "3")
+    assert torch.isnan(faults.inject("micro_loss", 3, 0, value=x))
+    assert faults.inject("micro_loss", 3, 1, value=x) is x and faults.inject("micro_loss", 2, 0, value=x) is x
+    monkeypatch.setenv("SCALEINV_TEST_PREEMPT_AT_STEP", "3")
+    assert faults.inject("step_end", 3, 0) == "SCALEINV_TEST_PREEMPT_AT_STEP"
+    assert faults.inject("step_end", 3, 1, value="SIGUSR1") == "SIGUSR1"
+    with pytest.raises(ValueError, match="unknown fault injection point"):
+        faults.inject("nowhere", 1)
 
 
 # ============================================================================= slow: real runs

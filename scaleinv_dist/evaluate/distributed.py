@@ -3,7 +3,7 @@
 Launched with torchrun (e.g. `torchrun --nproc_per_node 4 launch/eval.py --run-dir R
 parallel.context_parallel_size=4`): every rank reads the same validation windows; the CP ranks of
 a replica each take their layout's shard of every window (tokens with their global positions and
-document ids, `parallel.layouts.shard_batch`), the model's attention is swapped for the
+document ids, `parallel.sharding.CPSharder`), the model's attention is swapped for the
 distributed one (`parallel.apply_cp`), data-parallel replicas take batches round-robin, and the
 per-bucket loss sums and counts are all-reduced over all ranks at the end of each length.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -70,23 +69,18 @@ def setup_parallel(model, cfg, lengths) -> EvalParallel:
         topo = init_topology_from_config(cfg.parallel)
     except TopologyError as err:
         raise EvalError(str(err)) from None
-    layout = layouts.layout_for(cfg.parallel.cp_strategy)
     shard = None
     if topo.cp_size > 1:
         from ..parallel import apply_cp
+        from ..parallel.sharding import CPSharder
 
+        shard = CPSharder(topo, cfg.parallel.cp_strategy)
         for length in lengths:
             try:
-                layouts.check_seq_len(int(length), topo.cp_size, layout)
+                shard.check(int(length))
             except layouts.LayoutError as err:
                 raise EvalError(f"evaluation length {length}: {err}") from None
         apply_cp(model, topo, cfg.parallel)
-
-        def shard(batch):
-            tokens, labels, positions, doc_ids = layouts.shard_batch(
-                batch.tokens, batch.labels, batch.positions, batch.doc_ids,
-                rank=topo.cp_rank, cp_size=topo.cp_size, layout=layout)
-            return SimpleNamespace(tokens=tokens, labels=labels, positions=positions, doc_ids=doc_ids)
 
     def reduce(t: torch.Tensor) -> None:
         dist.all_reduce(t)

@@ -6,8 +6,9 @@
 See docs/training.md. DeepSpeed is imported only when training starts (after the accelerator is
 chosen), so importing this package is cheap.
 """
-from .loop import (EXIT_NONFINITE, EXIT_OK, EXIT_PEER_FAILURE, EXIT_PREEMPTED, EXIT_USAGE,
-                   NonFiniteLoss, PeerFailure, Preempted, TrainingInterrupted, train)
+from ..cli import EXIT_NONFINITE, EXIT_OK, EXIT_PEER_FAILURE, EXIT_PREEMPTED, EXIT_USAGE
+from .interrupts import NonFiniteLoss, PeerFailure, Preempted, TrainingInterrupted
+from .loop import train
 
 __all__ = ["train", "TrainingInterrupted", "Preempted", "NonFiniteLoss", "PeerFailure",
            "EXIT_OK", "EXIT_USAGE", "EXIT_NONFINITE", "EXIT_PEER_FAILURE", "EXIT_PREEMPTED"]

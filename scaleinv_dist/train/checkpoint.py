@@ -5,13 +5,20 @@ One checkpoint folder `checkpoints/step_XXXXXXXX/` holds
     model.safetensors           fp32 weights for evaluation and export (run_dir.load_trained_model)
     trainer_state.json          step, tokens seen, world layout (rank 0)
     rank_XXXXX.json/.safetensors  per rank: data-loader state and python / numpy / torch RNG states
+    manifest.json               size and sha256 of every file above (run_dir.write_manifest)
 
 Publishing protocol (a crash at any point leaves the previous checkpoint usable):
     1. every rank writes into `checkpoints/.tmp-step_XXXXXXXX/`
-    2. barrier; rank 0 renames it to `checkpoints/step_XXXXXXXX/` (os.replace: atomic)
+    2. barrier; rank 0 writes manifest.json into it, then renames it to `checkpoints/step_XXXXXXXX/`
+       (os.replace: atomic)
     3. rank 0 rewrites `checkpoints/latest` (tmp file + fsync + os.replace) -- last
     4. rank 0 prunes to the newest `train.keep_checkpoints` and removes stale `.tmp-*` folders
 Multi-node: `out_dir` must be on a filesystem that every node sees.
+
+Resume (`Checkpointer.resume`): rank 0 picks the newest intact checkpoint (run_dir.
+newest_intact_checkpoint: files checked against the manifest) and tells the other ranks. A damaged
+newer one is reported in one line and `latest` is pointed back at the one resumed from (its step is
+rewritten when the run gets there again); if checkpoints exist but none is intact, CheckpointError.
 
 Trust boundary: our own files are JSON and safetensors (never pickle). DeepSpeed's files are torch
 pickles; they are loaded with `torch.load(weights_only=True)` (forced for every torch.load during
@@ -35,11 +42,11 @@ import torch
 from safetensors.numpy import load_file as np_load_file
 from safetensors.numpy import save_file as np_save_file
 
-from ..run_dir import checkpoints_dir, latest_checkpoint, save_weights
+from ..run_dir import (TRAINER_STATE, checkpoints_dir, latest_checkpoint,
+                       newest_intact_checkpoint, published_steps, save_weights, tag_for, write_manifest)
+from . import faults
 
-TAG_RE = re.compile(r"^step_(\d{8})$")
 TMP_PREFIX = ".tmp-"
-TRAINER_STATE = "trainer_state.json"
 FORMAT_VERSION = 1
 
 # DeepSpeed classes found in its checkpoints, rebuilt from plain data by the weights-only unpickler
@@ -53,10 +60,6 @@ DS_SAFE_GLOBALS = (
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or resumed from; the message says why and what to do."""
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
 
 
 # ----------------------------------------------------------------------------- distributed helpers
@@ -197,13 +200,6 @@ def set_rng_state(state: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- listing / pruning
-def published_steps(run_dir: str | Path) -> list[int]:
-    ck = checkpoints_dir(run_dir)
-    if not ck.is_dir():
-        return []
-    return sorted(int(m.group(1)) for p in ck.iterdir() if p.is_dir() and (m := TAG_RE.match(p.name)))
-
-
 def write_latest(run_dir: str | Path, tag: str) -> None:
     _write_atomic(checkpoints_dir(run_dir) / "latest", tag + "\n")
 
@@ -239,14 +235,6 @@ def _save_model_weights(engine, folder: Path, zero_stage: int) -> None:
         save_weights(module, folder)
 
 
-def _test_hook_crash(where: str, step: int) -> None:
-    """Test-only: SCALEINV_TEST_CRASH_IN_SAVE=<where> (after_deepspeed | before_publish) kills the
-    process mid-save, at the save of step SCALEINV_TEST_CRASH_AT_STEP if that is set."""
-    at = os.environ.get("SCALEINV_TEST_CRASH_AT_STEP")
-    if os.environ.get("SCALEINV_TEST_CRASH_IN_SAVE") == where and (not at or int(at) == step):
-        os._exit(17)
-
-
 def save_checkpoint(engine, run_dir: str | Path, step: int, trainer_state: dict, rank_state: dict,
                     keep: int, zero_stage: int = 0) -> Path:
     """Collective: every rank calls it. Returns the published folder."""
@@ -265,7 +253,7 @@ def save_checkpoint(engine, run_dir: str | Path, step: int, trainer_state: dict,
             shutil.rmtree(tmp)
     _barrier()
     engine.save_checkpoint(str(ck), tag=tmp.name, save_latest=False)
-    _test_hook_crash("after_deepspeed", step)
+    faults.inject("save:after_deepspeed", step)
     tmp.mkdir(parents=True, exist_ok=True)
     save_state_files(rank_state, tmp, f"rank_{rank:05d}")
     _save_model_weights(engine, tmp, zero_stage)
@@ -273,7 +261,9 @@ def save_checkpoint(engine, run_dir: str | Path, step: int, trainer_state: dict,
         save_state_files({**trainer_state, "step": step, "world_size": _world()}, tmp,
                          TRAINER_STATE[:-len(".json")])
     _barrier()  # every rank's files are on disk
-    _test_hook_crash("before_publish", step)
+    if rank == 0:
+        write_manifest(tmp)
+    faults.inject("save:before_publish", step)
     if rank == 0:
         _fsync_dir(tmp)
         if final.exists():  # a leftover of a run that died between steps 2 and 3
@@ -345,3 +335,72 @@ def load_checkpoint(engine, folder: str | Path) -> tuple[dict, dict]:
         raise CheckpointError(f"DeepSpeed found no checkpoint files in {folder}; delete "
                               f"{folder.parent / 'latest'} to start over")
     return trainer_state, rank_state
+
+
+# ----------------------------------------------------------------------------- the loop's component
+def choose_resume_folder(run_dir: str | Path) -> tuple[Path | None, str | None]:
+    """(folder to resume from or None, a line to print or None), the same on every rank.
+
+    Collective: rank 0 verifies (newest_intact_checkpoint), the others receive its answer. After
+    skipping damaged checkpoints rank 0 points `latest` at the one chosen. CheckpointError (exit 2)
+    when checkpoints exist but none is intact: never a silent start from scratch.
+    """
+    answer = [_choose_on_rank0(run_dir) if _rank() == 0 else None]
+    if _world() > 1:
+        _dist().broadcast_object_list(answer, src=0)
+    folder, line, none_intact = answer[0]
+    if none_intact:
+        raise CheckpointError(line)
+    return (None if folder is None else Path(folder)), line
+
+
+def _choose_on_rank0(run_dir: str | Path) -> tuple[str | None, str | None, bool]:
+    """(folder, line, whether checkpoints exist but none is intact) for choose_resume_folder."""
+    choice = newest_intact_checkpoint(run_dir)
+    line = choice.report("resuming from")
+    if choice.folder is None:
+        if not choice.skipped:
+            return None, None, False  # a new run
+        ck = checkpoints_dir(run_dir)
+        return None, (f"{line}; no intact checkpoint is left under {ck}: restore one from a copy, "
+                      f"or delete {ck} to start the run over"), True
+    if choice.skipped:
+        write_latest(run_dir, choice.folder.name)
+    return str(choice.folder), line, False
+
+
+class Checkpointer:
+    """Saves and restores everything a run needs to continue exactly: the DeepSpeed engine, the
+    step and token counters, and each rank's data-loader position and RNG states."""
+
+    def __init__(self, engine, out_dir: str | Path, cfg, dp_size: int):
+        self.engine, self.out_dir = engine, Path(out_dir)
+        self.keep, self.zero_stage = cfg.train.keep_checkpoints, cfg.train.zero_stage
+        self.layout = {"dp_size": dp_size, "cp_size": cfg.parallel.context_parallel_size}
+        self.last_saved: int | None = None  # step of the newest checkpoint on disk, if known
+
+    def resume(self, loader) -> tuple[int, int, Path | None, str | None]:
+        """(step, tokens seen, folder resumed from, damage line) -- (0, 0, None, None) for a new run.
+
+        Restores the engine, the loader's position and the RNG states from the newest intact
+        checkpoint (choose_resume_folder).
+        """
+        folder, line = choose_resume_folder(self.out_dir)
+        if folder is None:
+            return 0, 0, None, line
+        trainer_state, rank_state = load_checkpoint(self.engine, folder)
+        loader.load_state_dict(rank_state["loader"])
+        set_rng_state(rank_state["rng"])
+        self.last_saved = int(trainer_state["step"])
+        return self.last_saved, int(trainer_state.get("tokens_seen", 0)), folder, line
+
+    def save(self, step: int, tokens_seen: int, loader) -> Path:
+        """Collective: publish the checkpoint of `step` (save_checkpoint); returns its folder."""
+        folder = save_checkpoint(self.engine, self.out_dir, step, {"tokens_seen": tokens_seen, **self.layout},
+                                 {"loader": loader.state_dict(), "rng": rng_state()}, self.keep,
+                                 self.zero_stage)
+        self.last_saved = step
+        return folder
+
+    def latest(self) -> Path | None:
+        return latest_checkpoint(self.out_dir)

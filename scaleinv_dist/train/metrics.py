@@ -104,6 +104,28 @@ def _init_wandb(cfg, out_dir: Path):
         return None
 
 
+class Window:
+    """Seconds, tokens and finite losses of the steps since the last logged one."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.seconds, self.tokens, self.losses = 0.0, 0, []
+
+    def add(self, seconds: float, tokens: int, loss: float | None) -> None:
+        self.seconds += seconds
+        self.tokens += tokens
+        if loss is not None:
+            self.losses.append(loss)
+
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+    def loss_avg(self) -> float | None:
+        return sum(self.losses) / len(self.losses) if self.losses else None
+
+
 class Metrics:
     """Rank-0 sink for step and evaluation records; other ranks get a no-op instance."""
 
