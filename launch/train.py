@@ -15,13 +15,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":  # a plain checkout: the repository root on sys.path
+    import _bootstrap  # noqa: F401
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from scaleinv_dist.cli import ArgumentParser
+
+    p = ArgumentParser(__doc__)
     p.add_argument("--config", help="YAML config (see configs/)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.steps=20 run.out_dir=runs/x")
@@ -34,9 +36,12 @@ def _rank() -> int:
 
 def _die(code: int, message: str, all_ranks: bool = True) -> None:
     """One line on stderr (rank 0; other ranks prefix theirs, since their errors may differ)."""
+    from scaleinv_dist.cli import one_line
+
     rank = _rank()
     if rank == 0 or all_ranks:
-        print(f"error: {'' if rank == 0 else f'[rank {rank}] '}{message}", file=sys.stderr, flush=True)
+        print(f"error: {'' if rank == 0 else f'[rank {rank}] '}{one_line(message)}", file=sys.stderr,
+              flush=True)
     _exit(code)
 
 
@@ -59,23 +64,27 @@ def main(argv=None) -> int:
     if args.local_rank is not None and "LOCAL_RANK" not in os.environ:  # deepspeed launcher
         os.environ["LOCAL_RANK"] = str(args.local_rank)
 
-    from scaleinv_dist.config import ConfigError, load_config
+    from scaleinv_dist.cli import EXIT_OK, EXIT_USAGE
+    from scaleinv_dist.config import ConfigError, check_device, load_config
+    from scaleinv_dist.data.errors import DataError
+    from scaleinv_dist.parallel.layouts import LayoutError
+    from scaleinv_dist.parallel.topology import TopologyError
     from scaleinv_dist.train.checkpoint import CheckpointError
-    try:
-        from scaleinv_dist.data.errors import DataError
-    except ImportError:  # pragma: no cover
-        DataError = ConfigError
-    user_errors = (ConfigError, DataError, CheckpointError)
+    from scaleinv_dist.train.engine import use_cuda
+
+    # user mistakes (ValueErrors but CheckpointError); any other exception is a bug: traceback
+    user_errors = (ConfigError, DataError, LayoutError, TopologyError, CheckpointError)
     try:
         cfg = load_config(args.config, args.overrides)
+        check_device(cfg, "cuda" if use_cuda(cfg) else "cpu")
     except user_errors as err:
-        _die(2, str(err))
+        _die(EXIT_USAGE, str(err))
 
     from scaleinv_dist.train.loop import PeerFailure, Preempted, TrainingInterrupted, train
     try:
         summary = train(cfg)
     except user_errors as err:
-        _die(2, str(err))
+        _die(EXIT_USAGE, str(err))
     except Preempted as err:
         if _rank() == 0:
             print(f"preempted: {err}", file=sys.stderr, flush=True)
@@ -85,16 +94,12 @@ def main(argv=None) -> int:
         _exit(err.exit_code, hard=True)
     except TrainingInterrupted as err:  # NonFiniteLoss: every rank knows the same
         _die(err.exit_code, str(err), all_ranks=False)
-    except Exception as err:  # sequence-parallel layout / topology mistakes of the user
-        if type(err).__name__ in ("LayoutError", "TopologyError"):
-            _die(2, str(err).splitlines()[0])
-        raise
     if summary and _rank() == 0:
         loss = summary.get("final_loss")
         print(f"done: step {summary['step']}, loss {loss if loss is None else round(loss, 4)}, "
               f"{summary['wall_s']} s; checkpoint {summary['checkpoint']}", flush=True)
-    _exit(0)
-    return 0
+    _exit(EXIT_OK)
+    return EXIT_OK
 
 
 if __name__ == "__main__":

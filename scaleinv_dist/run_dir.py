@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, load_config
@@ -72,7 +73,13 @@ def load_trained_model(run_dir: str | Path, checkpoint: str | Path | None = None
     if folder is None or not (folder / WEIGHTS).is_file():
         raise ConfigError(f"no published checkpoint with {WEIGHTS} under {checkpoints_dir(run_dir)}; "
                           f"train first (launch/train.py) or pass a checkpoint folder")
-    state = load_file(str(folder / WEIGHTS))
+    try:
+        state = load_file(str(folder / WEIGHTS))
+    except (SafetensorError, OSError) as err:  # a damaged or foreign file
+        raise IncompatibleCheckpointError(
+            f"{folder / WEIGHTS} cannot be read as safetensors ({str(err).splitlines()[0]}); the "
+            f"checkpoint is damaged or not a scaleinv_dist checkpoint: pass another --checkpoint "
+            f"or train again") from None
     if "wte.weight" not in state:
         raise IncompatibleCheckpointError(f"{folder / WEIGHTS} is not a scaleinv_dist GPT checkpoint "
                                           f"(no wte.weight tensor)")
