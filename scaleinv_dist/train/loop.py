@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..config import save_config
+from ..loss import IGNORE_INDEX
 from ..model import build_model
 from . import checkpoint as ckpt
 from .engine import build_engine, deepspeed_config, grad_divisor, setup_distributed, use_bf16
@@ -188,7 +189,7 @@ def evaluate_loss(engine, val_store, cfg, prep: _BatchPrep, dp_rank: int, dp_siz
                     score(batch)
                     done += 1
             while done < per_rank and first is not None:
-                score(first, torch.full_like(first.labels, -100))
+                score(first, torch.full_like(first.labels, IGNORE_INDEX))
                 done += 1
     finally:
         engine.train()
@@ -357,7 +358,7 @@ def _train(cfg, env) -> dict:
             shards = [prep(b) for b in micro]
             count = torch.zeros(1, dtype=torch.float64, device=device)
             for _, labels, _, _ in shards:
-                count += (labels != -100).sum()
+                count += (labels != IGNORE_INDEX).sum()
             n_global = _all_reduce(count)  # scored tokens of this step over all ranks
             scale = (divisor * G / n_global[0].clamp_min(1)).float()  # 0-d
             loss_acc = torch.zeros(2, dtype=torch.float64, device=device)
