@@ -59,9 +59,9 @@ def load_sentencepiece(path: str | Path, fix: str = _DATA_TOKENIZER_FIX):
 class Tokenizer:
     """A sentencepiece model. Token ids are ints in [0, vocab_size)."""
 
-    def __init__(self, model_path: str | Path, fix: str = _DATA_TOKENIZER_FIX):
+    def __init__(self, model_path: str | Path):
         self.model_path = str(model_path)
-        self.sp, data = load_sentencepiece(model_path, fix)
+        self.sp, data = load_sentencepiece(model_path)
         self.sha256 = hashlib.sha256(data).hexdigest()
         self.vocab_size = int(self.sp.get_piece_size())
         self.bos_id = int(self.sp.bos_id())
