@@ -69,6 +69,7 @@ def main(argv=None) -> int:
     from scaleinv_dist.data.errors import DataError
     from scaleinv_dist.parallel.layouts import LayoutError
     from scaleinv_dist.parallel.topology import TopologyError
+    from scaleinv_dist.run_dir import check_resume_shape
     from scaleinv_dist.train.checkpoint import CheckpointError
     from scaleinv_dist.train.engine import use_cuda
 
@@ -77,6 +78,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         check_device(cfg, "cuda" if use_cuda(cfg) else "cpu")
+        check_resume_shape(cfg)
     except user_errors as err:
         _die(EXIT_USAGE, str(err))
 

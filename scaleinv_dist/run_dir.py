@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, load_config
@@ -95,3 +95,30 @@ def load_trained_model(run_dir: str | Path, checkpoint: str | Path | None = None
             f"Was config.yaml edited, or the checkpoint copied from another run?")
     model.load_state_dict(state)
     return model.to(device).eval(), cfg, folder
+
+
+
+def check_resume_shape(cfg) -> None:
+    """Before training: IncompatibleCheckpointError when cfg.run.out_dir's latest checkpoint holds
+    tensors of other shapes than cfg builds (a run resumes with the shape it started with).
+
+    Reads only the safetensors header; the model is built on the meta device (no memory).
+    """
+    folder = latest_checkpoint(cfg.run.out_dir)
+    if folder is None or not (folder / WEIGHTS).is_file():
+        return
+    try:
+        with safe_open(str(folder / WEIGHTS), framework="pt") as f:
+            state = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+    except (SafetensorError, OSError):
+        return  # a damaged checkpoint is the resume code's to report
+    vocab = cfg.model.vocab_size or (state["wte.weight"].shape[0] if "wte.weight" in state else 0)
+    with torch.device("meta"):
+        model = build_model(cfg, vocab_size=vocab or None)
+    problems = describe_mismatch(model, state)
+    if problems:
+        more = f" (+{len(problems) - 2} more)" if len(problems) > 2 else ""
+        raise IncompatibleCheckpointError(
+            f"run.out_dir={cfg.run.out_dir!r} holds a checkpoint of another model: "
+            f"{'; '.join(problems[:2])}{more}; a run resumes with the model it started with: "
+            f"pass another run.out_dir, or drop the overrides that change the model")

@@ -87,6 +87,9 @@ CASES = [
     case("train-tokenizer-not-sentencepiece", "train",
          ["--config", "{ok_yaml}", "data.path={text_dir}", "data.tokenizer={fake_model}"],
          ["not a sentencepiece model", "data.tokenizer"]),
+    # train: resuming a run directory of another model (make_run's d_model is 64, ok_yaml's 32)
+    case("train-resume-other-shape", "train", ["--config", "{ok_yaml}", "run.out_dir={run}"],
+         ["holds a checkpoint of another model", "checkpoint has shape"]),
     # train: CUDA-only options on a machine without CUDA
     case("train-triton-on-cpu", "train", ["--config", "{ok_yaml}", "attention.backend=triton"],
          ["needs a CUDA GPU", "TRITON_INTERPRET=1"], cuda_free=True),
