@@ -63,7 +63,8 @@ def add_run_arguments(p: argparse.ArgumentParser, multiples_help: str) -> None:
     p.add_argument("--device", default=None, help="auto | cpu | cuda (default: the config's run.device)")
     p.add_argument("--out", help="output folder (default: the run directory)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. attention.backend=reference)")
+    p.add_argument("overrides", nargs="*",
+                   help="config overrides key=value (e.g. attention.backend=reference)")
 
 
 def existing_run_dir(path: str | Path) -> Path:

@@ -204,7 +204,8 @@ def _flatten(tree: dict, where: str) -> dict:
     sections = [f.name for f in dataclasses.fields(Config)]
     for section, keys in tree.items():
         if section not in sections:
-            raise ConfigError(f"{where}: unknown config section {section!r}" + _suggest(str(section), sections))
+            raise ConfigError(f"{where}: unknown config section {section!r}"
+                              + _suggest(str(section), sections))
         if keys is None:  # a section whose keys are all commented out
             continue
         if not isinstance(keys, dict):
@@ -218,7 +219,7 @@ def _flatten(tree: dict, where: str) -> dict:
     return flat
 
 
-def yaml_error_line(err: yaml.YAMLError) -> str:
+def _yaml_error_line(err: yaml.YAMLError) -> str:
     """'line L, column C: problem' of a YAML syntax error (one line)."""
     mark = getattr(err, "problem_mark", None)
     problem = getattr(err, "problem", None) or str(err).splitlines()[0]
@@ -226,7 +227,7 @@ def yaml_error_line(err: yaml.YAMLError) -> str:
     return f"{where}{problem}"
 
 
-def read_yaml(path: Path):
+def _read_yaml(path: Path):
     """The YAML document in `path`; ConfigError (one line, with the fix) when it can't be read."""
     try:
         text = path.read_text(encoding="utf-8")
@@ -238,7 +239,7 @@ def read_yaml(path: Path):
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML ({yaml_error_line(err)}); fix the syntax "
+        raise ConfigError(f"{path} is not valid YAML ({_yaml_error_line(err)}); fix the syntax "
                           f"(see configs/tiny.yaml)") from None
 
 
@@ -250,7 +251,7 @@ def parse_override(arg: str) -> tuple[str, object]:
     try:
         return key.strip(), yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as err:
-        raise ConfigError(f"cannot parse the value of {key.strip()!r} ({yaml_error_line(err)}); quote "
+        raise ConfigError(f"cannot parse the value of {key.strip()!r} ({_yaml_error_line(err)}); quote "
                           f"it or fix the YAML, e.g. {key.strip()}=\"...\"") from None
 
 
@@ -263,7 +264,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
                               f"configs/tiny.yaml")
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} not found; see configs/ for examples")
-        tree = read_yaml(p) or {}
+        tree = _read_yaml(p) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"{p}: top level must be a mapping of sections "
                               f"(e.g. train: {{steps: 20}}), got a {type(tree).__name__}")

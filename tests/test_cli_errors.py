@@ -116,7 +116,8 @@ CASES = [
          ["--run", "{run_bad_tokenizer}", "--prompt", "Hi"], ["not a sentencepiece model"]),
     case("generate-prompt-file-missing", "generate", ["--run", "{run}", "--prompt-file", "{missing}"],
          ["cannot read --prompt-file"]),
-    case("generate-triton-on-cpu", "generate", ["--run", "{run}", "--prompt", "Hi", "attention.backend=triton"],
+    case("generate-triton-on-cpu", "generate",
+         ["--run", "{run}", "--prompt", "Hi", "attention.backend=triton"],
          ["needs a CUDA GPU"], cuda_free=True),
     # export
     case("export-no-run", "export", ["--run", "{missing}", "--out", "{out}"], ["does not exist"]),
@@ -145,5 +146,6 @@ def test_one_line_keeps_every_line_of_a_long_message():
     from scaleinv_dist.cli import one_line
 
     text = "checkpoint X does not match:\n  a: shape (1,)\n  b: shape (2,)\nWas config.yaml edited?"
-    assert one_line(text) == "checkpoint X does not match: a: shape (1,); b: shape (2,); Was config.yaml edited?"
+    assert one_line(text) == ("checkpoint X does not match: a: shape (1,); b: shape (2,); "
+                              "Was config.yaml edited?")
     assert one_line("one line") == "one line"
