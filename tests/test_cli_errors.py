@@ -32,7 +32,8 @@ def inputs(tmp_path_factory):
         "bad_yaml": b"model: [\n",
         "scalar_section": b"model: 3\n",
         "latin1_yaml": b"model:\n  n_layer: 2 # \xe9\n",
-        "ok_yaml": b"model: {n_layer: 1, d_model: 32, n_head: 2}\ntrain: {seq_len: 16, steps: 1}\n",
+        "ok_yaml": (f"run: {{out_dir: '{d / 'out_train'}'}}\nmodel: {{n_layer: 1, d_model: 32, n_head: 2}}\n"
+                    "train: {seq_len: 16, steps: 1}\n").encode(),
         "latin1_txt": b"caf\xe9 au lait\n" * 20,
         "fake_model": b"this is not a sentencepiece model\n",
     }
@@ -65,6 +66,7 @@ def inputs(tmp_path_factory):
     paths["run_damaged"] = damaged
     paths["missing"] = d / "does_not_exist"
     paths["out"] = d / "out"
+    paths["out_train"] = d / "out_train"
     paths["cache"] = d / "cache"
     return paths
 
@@ -139,7 +141,8 @@ def test_user_mistake_is_one_line_and_exit_2(inputs, train_env, script, argv, wo
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
     for w in words:
         assert w in lines[0], lines[0]
-    assert not os.path.exists(inputs["out"]) or not any(Path(inputs["out"]).iterdir())
+    for out in (inputs["out"], inputs["out_train"]):  # nothing was written
+        assert not os.path.exists(out) or not any(Path(out).iterdir()), sorted(Path(out).rglob("*"))
 
 
 def test_one_line_keeps_every_line_of_a_long_message():
