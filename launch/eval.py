@@ -11,38 +11,29 @@ Prints a table, writes <run>/eval.json and <run>/eval_loss_vs_length.png, and ap
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":  # a plain checkout: the repository root on sys.path
+    import _bootstrap  # noqa: F401
 
-from scaleinv_dist.cli import existing_run_dir, run_cli  # noqa: E402
-from scaleinv_dist.evaluate.common import EvalError  # noqa: E402
+from scaleinv_dist.cli import ArgumentParser, add_run_arguments, existing_run_dir, run_cli  # noqa: E402
+from scaleinv_dist.evaluate.errors import EvalError  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", "--run-dir", dest="run", required=True,
-                   help="run directory (a training run's run.out_dir); under torchrun spell it --run-dir")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--lengths", help="absolute context lengths, e.g. 256,1024,4k")
-    g.add_argument("--multiples", help="multiples of the training length, e.g. 1,4,16")
+    p = ArgumentParser(__doc__)
+    add_run_arguments(p, multiples_help="multiples of the training length, e.g. 1,4,16")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="validation tokens per length (0 = all; default: the config's eval.max_tokens)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="windows per forward (default: eval.batch_size)")
-    p.add_argument("--checkpoint", help="a checkpoint folder (default: the run's latest)")
-    p.add_argument("--device", default=None, help="auto | cpu | cuda (default: the config's run.device)")
-    p.add_argument("--out", help="output folder (default: the run directory)")
     p.add_argument("--no-align", action="store_true",
                    help="score every whole window of each length instead of the same tokens at all lengths")
     p.add_argument("--no-metrics", action="store_true", help="don't append to metrics.jsonl")
     p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. attention.backend=reference)")
     return p.parse_args(argv)
 
 

@@ -11,17 +11,17 @@ tokenizer) and not this package. --verify loads it back through transformers and
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":  # a plain checkout: the repository root on sys.path
+    import _bootstrap  # noqa: F401
 
-from scaleinv_dist.cli import die, existing_run_dir  # noqa: E402
+from scaleinv_dist.cli import ArgumentParser, die, existing_run_dir, run_cli  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(__doc__)
     p.add_argument("--run", required=True, help="run directory (a training run's run.out_dir)")
     p.add_argument("--out", required=True, help="output folder (created; must be empty unless --overwrite)")
     p.add_argument("--checkpoint", help="a checkpoint folder (default: the run's latest)")
@@ -57,15 +57,15 @@ def verify(folder: Path, run_dir: Path, checkpoint, overrides) -> float:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    return run_cli(run, parse_args(argv))
+
+
+def run(args) -> int:
     from scaleinv_dist.export_hf import export_run
 
     run_dir = existing_run_dir(args.run)
-    try:
-        out = export_run(run_dir, args.out, checkpoint=args.checkpoint, dtype=args.dtype,
-                         overwrite=args.overwrite, add_bos_token=not args.no_bos, overrides=args.overrides)
-    except ValueError as err:  # ConfigError, ExportError, IncompatibleCheckpointError
-        die(str(err))
+    out = export_run(run_dir, args.out, checkpoint=args.checkpoint, dtype=args.dtype,
+                     overwrite=args.overwrite, add_bos_token=not args.no_bos, overrides=args.overrides)
     files = sorted(p.name for p in out.iterdir())
     size = sum(p.stat().st_size for p in out.iterdir()) / 2**20
     print(f"exported {run_dir} -> {out} ({size:.1f} MiB): {', '.join(files)}")

@@ -14,19 +14,19 @@ Exit status 2 with a one-line message for bad input: an empty prompt, a prompt (
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":  # a plain checkout: the repository root on sys.path
+    import _bootstrap  # noqa: F401
 
-from scaleinv_dist.cli import die, existing_run_dir, run_cli  # noqa: E402
+from scaleinv_dist.cli import ArgumentParser, die, existing_run_dir, run_cli  # noqa: E402
 
 MAX_LENGTH_MULTIPLE = 16  # default --max-length: 16x the training sequence length
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(__doc__)
     p.add_argument("--run", required=True, help="run directory (a training run's run.out_dir)")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt", action="append", help="prompt text (repeat for several prompts)")
@@ -100,14 +100,16 @@ class TextStreamer:
 
 
 def main(argv=None) -> int:
-    return run_cli(run, parse_args(argv), first_line_only=False)  # mismatches list every tensor
+    return run_cli(run, parse_args(argv))
 
 
 def run(args) -> int:
-    import sentencepiece as spm
     import torch
 
-    from scaleinv_dist.generate import (GenerationError, GenerationStats, check_prompts, default_device,
+    from scaleinv_dist.config import check_device
+    from scaleinv_dist.data.tokenizer import RUN_TOKENIZER_FIX, load_sentencepiece
+    from scaleinv_dist.evaluate.common import pick_device
+    from scaleinv_dist.generate import (GenerationError, GenerationStats, check_prompts,
                                         generate, load_model)
 
     run_dir = existing_run_dir(args.run)
@@ -116,13 +118,14 @@ def run(args) -> int:
         raise GenerationError("--max-new-tokens must be >= 1")
     if args.prefill_chunk < 0:
         raise GenerationError("--prefill-chunk must be >= 0")
-    device = default_device(args.device)
+    device = pick_device(args.device)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     model, cfg, ckpt = load_model(run_dir, args.checkpoint, device=device, dtype=dtype, overrides=args.overrides)
+    check_device(cfg, device.type)
     tok_path = run_dir / "tokenizer.model"
     if not tok_path.is_file():
         die(f"{tok_path} not found: the run directory must hold the sentencepiece model it was trained with")
-    sp = spm.SentencePieceProcessor(model_file=str(tok_path))
+    sp, _ = load_sentencepiece(tok_path, fix=RUN_TOKENIZER_FIX)
     if sp.get_piece_size() > model.cfg.vocab_size:
         die(f"{tok_path} has {sp.get_piece_size()} pieces but the checkpoint's vocabulary is "
             f"{model.cfg.vocab_size}: the tokenizer and the checkpoint come from different runs")

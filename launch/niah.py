@@ -12,25 +12,21 @@ and the number must follow. Writes <run>/niah.json and <run>/niah_heatmap.png (o
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":  # a plain checkout: the repository root on sys.path
+    import _bootstrap  # noqa: F401
 
-from scaleinv_dist.cli import existing_run_dir, run_cli  # noqa: E402
-from scaleinv_dist.evaluate.common import EvalError  # noqa: E402
+from scaleinv_dist.cli import ArgumentParser, add_run_arguments, existing_run_dir, run_cli  # noqa: E402
+from scaleinv_dist.evaluate.errors import EvalError  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", "--run-dir", dest="run", required=True,
-                   help="run directory (a training run's run.out_dir); under torchrun spell it --run-dir")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--lengths", help="context lengths, e.g. 256,1024,4k")
-    g.add_argument("--multiples", help="multiples of the training length (default 1,4,16)")
+    p = ArgumentParser(__doc__)
+    add_run_arguments(p, multiples_help="multiples of the training length (default 1,4,16)")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1]")
     p.add_argument("--samples", type=int, default=10, help="contexts per (depth, length) cell")
     p.add_argument("--needles", type=int, default=1,
@@ -46,11 +42,6 @@ def parse_args(argv=None):
     p.add_argument("--finetune-batch", type=int, default=8, help="contexts per fine-tune step")
     p.add_argument("--batch-size", type=int, default=1, help="contexts per forward when scoring")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint", help="a checkpoint folder (default: the run's latest)")
-    p.add_argument("--device", default=None, help="auto | cpu | cuda")
-    p.add_argument("--out", help="output folder (default: the run directory)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("overrides", nargs="*", help="config overrides key=value")
     return p.parse_args(argv)
 
 
@@ -65,7 +56,7 @@ def run(args) -> int:
     from scaleinv_dist.evaluate.niah_finetune import finetune_on_needles
 
     run_dir = existing_run_dir(args.run)
-    depths = common.parse_fractions(args.depths, "--depths")
+    depths = common.parse_float_list(args.depths, "--depths", fractions=True)
     if args.samples < 1 or args.needles < 1 or args.finetune_steps < 0 or args.batch_size < 1:
         raise EvalError("--samples, --needles and --batch-size must be >= 1, --finetune-steps >= 0")
     if args.needles > len(niah.CITIES):

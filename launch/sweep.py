@@ -12,18 +12,18 @@ training run. Writes <out>/sweep.md, <out>/sweep.json and <out>/sweep_loss_vs_le
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":  # a plain checkout: the repository root on sys.path
+    import _bootstrap  # noqa: F401
 
-from scaleinv_dist.cli import run_cli  # noqa: E402
-from scaleinv_dist.evaluate.common import EvalError  # noqa: E402
+from scaleinv_dist.cli import ArgumentParser, run_cli  # noqa: E402
+from scaleinv_dist.evaluate.errors import EvalError  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(__doc__)
     p.add_argument("--config", required=True, help="the base config (e.g. configs/tiny.yaml)")
     p.add_argument("--out", required=True, help="sweep folder (runs/, logs/, sweep.md, sweep.json, plot)")
     p.add_argument("--methods", default="all", help="comma-separated subset of: "

@@ -15,13 +15,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":  # a plain checkout: the repository root on sys.path
+    import _bootstrap  # noqa: F401
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from scaleinv_dist.cli import ArgumentParser
+
+    p = ArgumentParser(__doc__)
     p.add_argument("--config", help="YAML config (see configs/)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.steps=20 run.out_dir=runs/x")
@@ -34,9 +36,12 @@ def _rank() -> int:
 
 def _die(code: int, message: str, all_ranks: bool = True) -> None:
     """One line on stderr (rank 0; other ranks prefix theirs, since their errors may differ)."""
+    from scaleinv_dist.cli import one_line
+
     rank = _rank()
     if rank == 0 or all_ranks:
-        print(f"error: {'' if rank == 0 else f'[rank {rank}] '}{message}", file=sys.stderr, flush=True)
+        print(f"error: {'' if rank == 0 else f'[rank {rank}] '}{one_line(message)}", file=sys.stderr,
+              flush=True)
     _exit(code)
 
 
@@ -60,23 +65,28 @@ def main(argv=None) -> int:
         os.environ["LOCAL_RANK"] = str(args.local_rank)
 
     from scaleinv_dist.cli import EXIT_OK, EXIT_USAGE
-    from scaleinv_dist.config import ConfigError, load_config
+    from scaleinv_dist.config import ConfigError, check_device, load_config
     from scaleinv_dist.data.errors import DataError
     from scaleinv_dist.parallel.layouts import LayoutError
     from scaleinv_dist.parallel.topology import TopologyError
+    from scaleinv_dist.run_dir import check_resume_shape
     from scaleinv_dist.train.checkpoint import CheckpointError
+    from scaleinv_dist.train.engine import use_cuda
+
+    # user mistakes (ValueErrors but CheckpointError); any other exception is a bug: traceback
+    user_errors = (ConfigError, DataError, LayoutError, TopologyError, CheckpointError)
     try:
         cfg = load_config(args.config, args.overrides)
-    except (ConfigError, DataError, CheckpointError) as err:
+        check_device(cfg, "cuda" if use_cuda(cfg) else "cpu")
+        check_resume_shape(cfg)
+    except user_errors as err:
         _die(EXIT_USAGE, str(err))
 
     from scaleinv_dist.train.loop import PeerFailure, Preempted, TrainingInterrupted, train
     try:
         summary = train(cfg)
-    except (ConfigError, DataError, CheckpointError) as err:
+    except user_errors as err:
         _die(EXIT_USAGE, str(err))
-    except (LayoutError, TopologyError) as err:  # context-parallel layout / topology mistakes
-        _die(EXIT_USAGE, str(err).splitlines()[0])
     except Preempted as err:
         if _rank() == 0:
             print(f"preempted: {err}", file=sys.stderr, flush=True)

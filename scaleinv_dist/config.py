@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,7 +107,7 @@ class EvalConfig:
 @dataclass
 class ParallelConfig:
     context_parallel_size: int = 1
-    cp_strategy: str = "zigzag"  # ring | zigzag | ulysses | hybrid
+    cp_strategy: str = "zigzag"  # ring | zigzag | ulysses | hybrid: parallel.layouts.CP_STRATEGIES
     ulysses_degree: int = 1  # hybrid: all-to-all degree inside; ring across
 
 
@@ -132,7 +133,6 @@ CHOICES = {
     "train.schedule": ("cosine", "wsd", "constant"),
     "train.activation_checkpointing": ("none", "full", "selective", "offload"),
     "train.nan_policy": ("stop", "skip"),
-    "parallel.cp_strategy": ("ring", "zigzag", "ulysses", "hybrid"),
 }
 
 
@@ -198,15 +198,49 @@ def _set(cfg: Config, dotted: str, value) -> None:
     setattr(obj, key, coerced)
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
+def _flatten(tree: dict, where: str) -> dict:
+    """{section: {key: value}} -> {"section.key": value}; a section must be a mapping."""
     flat = {}
-    for k, v in tree.items():
-        name = f"{prefix}{k}"
-        if isinstance(v, dict):
-            flat.update(_flatten(v, name + "."))
-        else:
-            flat[name] = v
+    sections = [f.name for f in dataclasses.fields(Config)]
+    for section, keys in tree.items():
+        if section not in sections:
+            raise ConfigError(f"{where}: unknown config section {section!r}"
+                              + _suggest(str(section), sections))
+        if keys is None:  # a section whose keys are all commented out
+            continue
+        if not isinstance(keys, dict):
+            raise ConfigError(f"{where}: section {section!r} must be a mapping of keys "
+                              f"(e.g. {section}: {{key: value}}), got {keys!r}")
+        for key, value in keys.items():
+            if isinstance(value, dict):
+                raise ConfigError(f"{where}: {section}.{key} must be a value, not a mapping; "
+                                  f"sections are one level deep (e.g. train: {{steps: 20}})")
+            flat[f"{section}.{key}"] = value
     return flat
+
+
+def _yaml_error_line(err: yaml.YAMLError) -> str:
+    """'line L, column C: problem' of a YAML syntax error (one line)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"
+
+
+def _read_yaml(path: Path):
+    """The YAML document in `path`; ConfigError (one line, with the fix) when it can't be read."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read {path} ({err.strerror or err}); check the path and its "
+                          f"permissions") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML ({_yaml_error_line(err)}); fix the syntax "
+                          f"(see configs/tiny.yaml)") from None
 
 
 def parse_override(arg: str) -> tuple[str, object]:
@@ -217,21 +251,28 @@ def parse_override(arg: str) -> tuple[str, object]:
     try:
         return key.strip(), yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as err:
-        raise ConfigError(f"cannot parse value of {key!r}: {err}") from None
+        raise ConfigError(f"cannot parse the value of {key.strip()!r} ({_yaml_error_line(err)}); quote "
+                          f"it or fix the YAML, e.g. {key.strip()}=\"...\"") from None
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     cfg = Config()
     if path:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"config file {str(p)!r} is a folder; pass a YAML file such as "
+                              f"configs/tiny.yaml")
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} not found; see configs/ for examples")
-        with p.open() as f:
-            tree = yaml.safe_load(f) or {}
+        tree = _read_yaml(p) or {}
         if not isinstance(tree, dict):
-            raise ConfigError(f"{p}: top level must be a mapping of sections")
-        for key, value in _flatten(tree).items():
-            _set(cfg, key, value)
+            raise ConfigError(f"{p}: top level must be a mapping of sections "
+                              f"(e.g. train: {{steps: 20}}), got a {type(tree).__name__}")
+        for key, value in _flatten(tree, str(p)).items():
+            try:
+                _set(cfg, key, value)
+            except ConfigError as err:
+                raise ConfigError(f"{p}: {err}") from None
     for arg in overrides:
         _set(cfg, *parse_override(arg))
     validate(cfg)
@@ -240,6 +281,8 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
 
 def validate(cfg: Config) -> None:
     """Cross-field checks that a single key's type cannot express."""
+    from .parallel.layouts import CP_STRATEGIES, LayoutError  # imports torch: only when validating
+
     m = cfg.model
     if m.head_dim == 0 and m.d_model % m.n_head:
         raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.n_head "
@@ -257,21 +300,33 @@ def validate(cfg: Config) -> None:
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError("data.val_fraction must be between 0 and 1 (exclusive)")
     p = cfg.parallel
+    if p.cp_strategy not in CP_STRATEGIES:
+        raise ConfigError(f"parallel.cp_strategy={p.cp_strategy!r} is not valid; choose one of "
+                          f"{', '.join(CP_STRATEGIES)}")
     if p.context_parallel_size < 1 or p.ulysses_degree < 1:
         raise ConfigError("parallel.context_parallel_size and parallel.ulysses_degree must be >= 1")
     if p.context_parallel_size % p.ulysses_degree:
         raise ConfigError(f"parallel.ulysses_degree ({p.ulysses_degree}) must divide "
                           f"parallel.context_parallel_size ({p.context_parallel_size})")
     if p.context_parallel_size > 1:  # fail at load time, not after data preparation
-        from .parallel.layouts import LayoutError, check_heads, check_seq_len, layout_for
-
-        cp = p.context_parallel_size
-        ulysses = {"ulysses": cp, "hybrid": p.ulysses_degree}.get(p.cp_strategy, 1)
         try:
-            check_seq_len(cfg.train.seq_len, cp, layout_for(p.cp_strategy))
-            check_heads(m.n_head, m.n_kv_head or m.n_head, ulysses)
+            CP_STRATEGIES[p.cp_strategy].check(cfg.train.seq_len, p.context_parallel_size,
+                                               m.n_head, m.n_kv_head or m.n_head, p.ulysses_degree)
         except LayoutError as err:
             raise ConfigError(f"{err} (train.seq_len / model heads vs parallel.*)") from None
+
+
+def check_device(cfg: Config, device_type: str) -> None:
+    """Options that `device_type` ("cuda" or "cpu") cannot run, as ConfigError, before any work.
+
+    attention.backend=triton needs CUDA (on CPU only under the interpreter, TRITON_INTERPRET=1).
+    bf16 (run.dtype) and every activation_checkpointing mode, offload included, also run on CPU.
+    """
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if cfg.attention.backend == "triton" and device_type != "cuda" and not interpreted:
+        raise ConfigError("attention.backend=triton needs a CUDA GPU, and none is in use here; set "
+                          "attention.backend=auto (or reference), or TRITON_INTERPRET=1 to run the "
+                          "kernel in the (slow) interpreter on CPU")
 
 
 def to_dict(cfg: Config) -> dict:

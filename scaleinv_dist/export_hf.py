@@ -78,9 +78,9 @@ def hf_config(model, cfg, *, bos_id=None, eos_id=None, pad_id=None, dtype: str =
 def _special_ids(tokenizer_path: Path | None):
     if tokenizer_path is None:
         return None, None, None, {}
-    import sentencepiece as spm
+    from .data.tokenizer import RUN_TOKENIZER_FIX, load_sentencepiece
 
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+    sp, _ = load_sentencepiece(tokenizer_path, fix=RUN_TOKENIZER_FIX)
 
     def valid(i):
         return i if 0 <= i < sp.get_piece_size() else None

@@ -9,15 +9,17 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+IGNORE_INDEX = -100  # a label that is not scored (cross_entropy's default ignore_index)
+
 
 def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     logits = (h @ weight.t()).float()
-    return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                           chunk_tokens: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of token losses (fp32 scalar) and the number of scored tokens (labels != -100).
+    """Sum of token losses (fp32 scalar) and the number of scored tokens (labels != IGNORE_INDEX).
 
     hidden (B, N, d), weight (V, d) the output head, labels (B, N) int64.
     """
@@ -31,4 +33,4 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
             total = total + checkpoint(_chunk_loss, hs, weight, ys, use_reentrant=False)
         else:
             total = total + _chunk_loss(hs, weight, ys)
-    return total, (y != -100).sum()
+    return total, (y != IGNORE_INDEX).sum()

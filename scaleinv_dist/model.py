@@ -210,7 +210,7 @@ class GPT(nn.Module):
         return rms_norm(x)
 
     def forward(self, tokens, positions, doc_ids=None, labels=None):
-        """Logits (B, N, V), or with labels (B, N; -100 ignored) the pair (loss_sum fp32, n_tokens)."""
+        """Logits (B, N, V), or with labels (B, N; loss.IGNORE_INDEX ignored) the pair (loss_sum fp32, n_tokens)."""
         h = self.hidden_states(tokens, positions, doc_ids)
         if labels is None:
             return self.lm_head(h)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, load_config
@@ -281,7 +282,13 @@ def load_trained_model(run_dir: str | Path, checkpoint: str | Path | None = None
     if problem:
         raise DamagedCheckpointError(f"checkpoint {folder} is damaged ({problem}); pass another "
                                      f"checkpoint folder, or none for the run's newest intact one")
-    state = load_file(str(folder / WEIGHTS))
+    try:
+        state = load_file(str(folder / WEIGHTS))
+    except (SafetensorError, OSError) as err:  # a damaged or foreign file
+        raise IncompatibleCheckpointError(
+            f"{folder / WEIGHTS} cannot be read as safetensors ({str(err).splitlines()[0]}); the "
+            f"checkpoint is damaged or not a scaleinv_dist checkpoint: pass another --checkpoint "
+            f"or train again") from None
     if "wte.weight" not in state:
         raise IncompatibleCheckpointError(f"{folder / WEIGHTS} is not a scaleinv_dist GPT checkpoint "
                                           f"(no wte.weight tensor)")
@@ -297,3 +304,30 @@ def load_trained_model(run_dir: str | Path, checkpoint: str | Path | None = None
             f"Was config.yaml edited, or the checkpoint copied from another run?")
     model.load_state_dict(state)
     return model.to(device).eval(), cfg, folder
+
+
+
+def check_resume_shape(cfg) -> None:
+    """Before training: IncompatibleCheckpointError when cfg.run.out_dir's latest checkpoint holds
+    tensors of other shapes than cfg builds (a run resumes with the shape it started with).
+
+    Reads only the safetensors header; the model is built on the meta device (no memory).
+    """
+    folder = latest_checkpoint(cfg.run.out_dir)
+    if folder is None or not (folder / WEIGHTS).is_file():
+        return
+    try:
+        with safe_open(str(folder / WEIGHTS), framework="pt") as f:
+            state = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+    except (SafetensorError, OSError):
+        return  # a damaged checkpoint is the resume code's to report
+    vocab = cfg.model.vocab_size or (state["wte.weight"].shape[0] if "wte.weight" in state else 0)
+    with torch.device("meta"):
+        model = build_model(cfg, vocab_size=vocab or None)
+    problems = describe_mismatch(model, state)
+    if problems:
+        more = f" (+{len(problems) - 2} more)" if len(problems) > 2 else ""
+        raise IncompatibleCheckpointError(
+            f"run.out_dir={cfg.run.out_dir!r} holds a checkpoint of another model: "
+            f"{'; '.join(problems[:2])}{more}; a run resumes with the model it started with: "
+            f"pass another run.out_dir, or drop the overrides that change the model")

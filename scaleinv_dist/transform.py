@@ -32,14 +32,6 @@ def si_bias(t: torch.Tensor, tau: float) -> torch.Tensor:
     return -2.0 * log_gain(t, tau)
 
 
-def si_scale_scalar(t: float, tau: float) -> float:
-    return math.sqrt(1.0 + 2.0 * math.log1p(t / tau))
-
-
-def si_bias_scalar(t: float, tau: float) -> float:
-    return -2.0 * math.log1p(t / tau)
-
-
 def alibi_slopes(n_heads: int) -> torch.Tensor:
     """ALiBi's geometric head slopes (Press et al. 2021), shape (n_heads,), float32.
 

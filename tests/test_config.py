@@ -197,3 +197,57 @@ def test_muon_with_zero_is_a_clear_error():
 def test_context_parallel_shapes_are_checked_at_load_time(overrides, msg):
     with pytest.raises(ConfigError, match=msg):
         load_config(None, overrides)
+
+
+@pytest.mark.parametrize("text,words", [
+    (b"model: [\n", ["not valid YAML", "line 2, column 1", "fix the syntax"]),
+    (b"train:\n\tsteps: 3\n", ["not valid YAML", "line 2"]),
+    (b"model:\n  n_layer: 2 # caf\xe9\n", ["not UTF-8", "save it as UTF-8"]),
+    (b"model: 3\n", ["section 'model' must be a mapping"]),
+    (b"train:\n  steps: {a: 1}\n", ["train.steps must be a value, not a mapping"]),
+    (b"trian:\n  steps: 3\n", ["unknown config section 'trian'", "did you mean 'train'"]),
+    (b"train:\n  stepz: 3\n", ["bad.yaml: unknown config key 'train.stepz'", "train.steps"]),
+])
+def test_broken_yaml_files_are_one_line(tmp_path, text, words):
+    p = tmp_path / "bad.yaml"
+    p.write_bytes(text)
+    msg = _error(path=p)
+    for w in words:
+        assert w in msg, msg
+
+
+def test_config_path_is_a_folder(tmp_path):
+    assert "is a folder" in _error(path=tmp_path)
+
+
+def test_empty_section_is_allowed(tmp_path):
+    p = tmp_path / "empty.yaml"
+    p.write_text("eval:\n  # nothing set here\ntrain:\n  steps: 3\n")
+    assert load_config(p).train.steps == 3
+
+
+def test_override_with_broken_yaml_value():
+    msg = _error("model.n_layer=[")
+    assert "cannot parse the value of 'model.n_layer'" in msg and "quote it" in msg
+
+
+def test_cp_strategy_names_come_from_the_table():
+    from scaleinv_dist.parallel.layouts import CP_STRATEGIES
+
+    for name in CP_STRATEGIES:
+        assert load_config(None, [f"parallel.cp_strategy={name}"]).parallel.cp_strategy == name
+    msg = _error("parallel.cp_strategy=stripes")
+    assert "stripes" in msg and ", ".join(CP_STRATEGIES) in msg
+
+
+def test_triton_backend_needs_cuda(monkeypatch):
+    from scaleinv_dist.config import check_device
+
+    cfg = load_config(None, ["attention.backend=triton"])
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ConfigError, match="attention.backend=triton needs a CUDA GPU"):
+        check_device(cfg, "cpu")
+    check_device(cfg, "cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter runs the kernel on CPU
+    check_device(cfg, "cpu")
+    check_device(load_config(None, ["run.dtype=bfloat16", "train.activation_checkpointing=offload"]), "cpu")

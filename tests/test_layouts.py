@@ -4,10 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scaleinv_dist.parallel import (LAYOUTS, LayoutError, check_heads, check_seq_len, layout_for,
-                                    padded_seq_len, pieces_per_shard, shard_batch, shard_index,
-                                    unshard)
-from scaleinv_dist.parallel.topology import TopologyError, init_topology, ulysses_degree_for
+from scaleinv_dist.config import ParallelConfig
+from scaleinv_dist.parallel import (CP_STRATEGIES, LAYOUTS, LayoutError, check_heads, check_seq_len,
+                                    cp_strategy, layout_for, padded_seq_len, pieces_per_shard,
+                                    shard_batch, shard_index, unshard)
+from scaleinv_dist.parallel.topology import TopologyError, init_topology, init_topology_from_config
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -117,8 +118,29 @@ def test_head_count_errors_name_the_fix():
 def test_topology_errors_before_any_process_group():
     with pytest.raises(TopologyError, match="must divide context_parallel_size 4; choose one of 1, 2, 4"):
         init_topology(4, 3)
-    assert ulysses_degree_for("zigzag", 4, 2) == 1
-    assert ulysses_degree_for("ulysses", 4, 1) == 4
-    assert ulysses_degree_for("hybrid", 8, 2) == 2
-    with pytest.raises(TopologyError, match="unknown parallel.cp_strategy"):
-        ulysses_degree_for("stripes", 4)
+    assert cp_strategy("zigzag").ulysses_degree(4, 2) == 1
+    assert cp_strategy("ulysses").ulysses_degree(4, 1) == 4
+    assert cp_strategy("hybrid").ulysses_degree(8, 2) == 2
+    with pytest.raises(LayoutError, match="ulysses_degree 3 must divide parallel.context_parallel_size 8"):
+        cp_strategy("hybrid").ulysses_degree(8, 3)
+    with pytest.raises(LayoutError, match="unknown context-parallel strategy 'stripes'"):
+        init_topology_from_config(ParallelConfig(context_parallel_size=4, cp_strategy="stripes"))
+
+
+def test_strategy_table_is_the_one_source():
+    """layout_for, the Ulysses degree and the divisibility checks all read CP_STRATEGIES."""
+    assert tuple(CP_STRATEGIES) == ("ring", "zigzag", "ulysses", "hybrid")
+    for name, spec in CP_STRATEGIES.items():
+        assert spec.name == name and layout_for(name) == spec.layout
+    # hybrid with U = 2 over 8 ranks: zigzag needs 16 | seq_len, and 2 | query heads
+    cp_strategy("hybrid").check(seq_len=32, cp_size=8, n_heads=6, n_kv_heads=2, configured_ulysses=2)
+    with pytest.raises(LayoutError, match="2 x context_parallel_size = 16"):
+        cp_strategy("hybrid").check(seq_len=40, cp_size=8, n_heads=6, n_kv_heads=2, configured_ulysses=2)
+    with pytest.raises(LayoutError, match="Ulysses degree 4 does not divide the 6 query heads"):
+        cp_strategy("hybrid").check(seq_len=32, cp_size=8, n_heads=6, n_kv_heads=2, configured_ulysses=4)
+    # ulysses takes every rank for the all-to-all; ring and zigzag none, whatever is configured
+    with pytest.raises(LayoutError, match="Ulysses degree 8 does not divide the 6 query heads"):
+        cp_strategy("ulysses").check(seq_len=32, cp_size=8, n_heads=6, n_kv_heads=6)
+    cp_strategy("ring").check(seq_len=24, cp_size=8, n_heads=6, n_kv_heads=6, configured_ulysses=4)
+    with pytest.raises(LayoutError, match="context_parallel_size = 8"):
+        cp_strategy("ring").check(seq_len=20, cp_size=8, n_heads=6, n_kv_heads=6)

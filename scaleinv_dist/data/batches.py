@@ -2,7 +2,7 @@
 
 All tensors are int64 of shape (B, L) with L = sequence length in tokens:
     tokens     input token ids
-    labels     the token each position must predict (the next one); -100 = not scored
+    labels     the token each position must predict (the next one); IGNORE_INDEX (-100) = not scored
     positions  position of each token for the positional encoding (see the rules below)
     doc_ids    segment id of each token inside its row; attention may mask across segments
 
@@ -15,7 +15,7 @@ once per epoch. With document_masking=True:
     row (a document that began in an earlier window) count from 0 at the row start, i.e. positions
     are offsets from the first token the row's attention can see of that document;
   * the label of a document's last token (its eos, whose next token is the next document's bos)
-    is -100: predicting which document comes next is noise.
+    is IGNORE_INDEX: predicting which document comes next is noise.
 With document_masking=False: positions = 0..L-1, doc_ids = 0, every label is the real next token.
 Order: per epoch e, np.random.Generator(PCG64([seed, e])).permutation(n_windows); data-parallel
 rank r of D takes every D-th window of it starting at r (ranks never share a window; the last
@@ -40,10 +40,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..loss import IGNORE_INDEX
 from .errors import DataError
 from .tokens import TokenStore
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -63,7 +62,7 @@ class Batch:
         return tuple(self.tokens.shape)
 
     def num_scored(self) -> int:
-        """Labels that count in the loss (not -100)."""
+        """Labels that count in the loss (not IGNORE_INDEX)."""
         return int((self.labels != IGNORE_INDEX).sum())
 
 

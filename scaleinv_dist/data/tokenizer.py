@@ -36,16 +36,33 @@ _TRAINER = dict(
 _TRAINER_VERSION = 1  # bump when _TRAINER or the chunking changes (invalidates cached models)
 
 
+_DATA_TOKENIZER_FIX = "point data.tokenizer at a sentencepiece .model file or leave it empty to train one"
+RUN_TOKENIZER_FIX = ("a run directory holds the tokenizer.model it was trained with: copy it back from the "
+                     "training's cache (<cache_dir>/tokenizers/) or retrain")
+
+
+def load_sentencepiece(path: str | Path, fix: str = _DATA_TOKENIZER_FIX):
+    """(SentencePieceProcessor, the file's bytes) of a model file; DataError ending in `fix` when
+    the file can't be read or is not a sentencepiece model."""
+    import sentencepiece as spm
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise DataError(f"cannot read the tokenizer {path} ({err.strerror or err}); {fix}") from None
+    try:
+        return spm.SentencePieceProcessor(model_proto=data), data
+    except RuntimeError:  # sentencepiece: "could not parse ModelProto"
+        raise DataError(f"{path} is not a sentencepiece model (it does not parse); {fix}") from None
+
+
 class Tokenizer:
     """A sentencepiece model. Token ids are ints in [0, vocab_size)."""
 
     def __init__(self, model_path: str | Path):
-        import sentencepiece as spm
-
         self.model_path = str(model_path)
-        data = Path(model_path).read_bytes()
+        self.sp, data = load_sentencepiece(model_path)
         self.sha256 = hashlib.sha256(data).hexdigest()
-        self.sp = spm.SentencePieceProcessor(model_proto=data)
         self.vocab_size = int(self.sp.get_piece_size())
         self.bos_id = int(self.sp.bos_id())
         self.eos_id = int(self.sp.eos_id())
@@ -185,13 +202,7 @@ def build_tokenizer(cfg: DataConfig, train_docs: Sequence[str], cache_dir: str |
         if not path.is_file():
             raise DataError(f"data.tokenizer={cfg.tokenizer!r} does not exist; point it at a "
                             "sentencepiece .model file or leave it empty to train one")
-        try:
-            return Tokenizer(path)
-        except DataError:
-            raise
-        except Exception as err:
-            raise DataError(f"data.tokenizer={cfg.tokenizer!r} is not a sentencepiece model ({err}); "
-                            "point it at a .model file or leave it empty to train one") from None
+        return Tokenizer(path)
     if cfg.vocab_size < 1:
         raise DataError(f"data.vocab_size={cfg.vocab_size} must be positive (e.g. 4096)")
     if not train_docs:

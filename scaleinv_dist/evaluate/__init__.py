@@ -7,5 +7,6 @@
     distributed    context parallelism for evaluation lengths beyond one device
     data_access    what evaluation needs from scaleinv_dist.data
     plots, report  PNG figures; text / markdown tables and metrics records
-    common         devices, autocast, length parsing, metrics.jsonl helpers, EvalError
+    common         devices, autocast, length parsing, metrics.jsonl helpers
+    errors         EvalError, the evaluation commands' user mistakes
 """

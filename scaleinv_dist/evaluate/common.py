@@ -1,4 +1,4 @@
-"""Small helpers shared by the evaluation entry points: devices, autocast, lengths, user errors."""
+"""Small helpers shared by the evaluation entry points: devices, autocast, lengths, metrics."""
 from __future__ import annotations
 
 import contextlib
@@ -9,9 +9,8 @@ from typing import Iterable, Sequence
 
 import torch
 
-
-class EvalError(ValueError):
-    """A user mistake in an evaluation command (printed as one `error: ...` line, exit 2)."""
+from .distributed import local_device
+from .errors import EvalError
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -44,36 +43,28 @@ def parse_int_list(text: str, flag: str) -> list[int]:
     return out
 
 
-def parse_float_list(text: str, flag: str) -> list[float]:
+def parse_float_list(text: str, flag: str, fractions: bool = False) -> list[float]:
+    """'1,4,16' -> [1.0, 4.0, 16.0]: positive numbers, or with fractions=True numbers in [0, 1]."""
+    what, example = ("fractions in [0, 1]", "0,0.5,1") if fractions else ("positive numbers", "1,4,16")
     try:
         out = [float(p) for p in text.split(",") if p.strip()]
     except ValueError:
-        raise EvalError(f"{flag}: cannot parse {text!r}; expected numbers like 1,4,16") from None
-    if not out or min(out) <= 0:
-        raise EvalError(f"{flag} needs one or more positive numbers, got {text!r}")
-    return out
-
-
-def parse_fractions(text: str, flag: str) -> list[float]:
-    """'0,0.5,1' -> [0.0, 0.5, 1.0], each in [0, 1]."""
-    try:
-        out = [float(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        raise EvalError(f"{flag}: cannot parse {text!r}; expected fractions like 0,0.5,1") from None
-    if not out or min(out) < 0 or max(out) > 1:
-        raise EvalError(f"{flag} needs one or more fractions in [0, 1], got {text!r}")
+        raise EvalError(f"{flag}: cannot parse {text!r}; expected {what} like {example}") from None
+    ok = (lambda x: 0.0 <= x <= 1.0) if fractions else (lambda x: x > 0.0)
+    if not out or not all(ok(x) for x in out):
+        raise EvalError(f"{flag} needs one or more {what}, got {text!r}")
     return out
 
 
 def load_run_model(run_dir: Path, args):
     """(model, cfg, checkpoint folder, device) for an evaluation command's --checkpoint, --device
     (default: the run's run.device) and config overrides; cuda:LOCAL_RANK under torchrun."""
-    from ..config import load_config
+    from ..config import check_device, load_config
     from ..run_dir import load_trained_model
-    from .distributed import local_device
 
     base = load_config(run_dir / "config.yaml", args.overrides)
     device = local_device(pick_device(args.device or base.run.device))
+    check_device(base, device.type)
     model, cfg, ckpt = load_trained_model(run_dir, args.checkpoint, args.overrides, device)
     return model, cfg, ckpt, device
 

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .common import EvalError
+from .errors import EvalError
 
 
 def load_validation(cfg, run_dir: Path | None = None):

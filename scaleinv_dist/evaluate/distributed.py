@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from .common import EvalError
+from .errors import EvalError
 
 
 @dataclass

@@ -10,19 +10,20 @@ import math
 
 import torch
 
+from ..loss import IGNORE_INDEX
 from .common import autocast
 from .niah import NeedleBuilder
 
 
 def needle_batch(builder: NeedleBuilder, length: int, batch_size: int, n_needles: int):
-    """(tokens, labels) of shape (B, length - 1): inputs and targets, -100 except on the answer."""
+    """(tokens, labels) of shape (B, length - 1): inputs and targets, IGNORE_INDEX except on the answer."""
     rows, labels = [], []
     for _ in range(batch_size):
         e = builder.build(length, float(builder.rng.uniform(0.0, 1.0)), n_needles=n_needles)
         inp, tgt = e.tokens[:-1], e.tokens[1:].clone()
         mask = torch.zeros_like(tgt, dtype=torch.bool)
         mask[e.answer_start - 1:] = True  # target index t predicts token t + 1
-        tgt[~mask] = -100
+        tgt[~mask] = IGNORE_INDEX
         rows.append(inp)
         labels.append(tgt)
     return torch.stack(rows), torch.stack(labels)

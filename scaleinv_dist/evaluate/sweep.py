@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .common import EvalError
+from .errors import EvalError
 
 ROOT = Path(__file__).resolve().parents[2]
 

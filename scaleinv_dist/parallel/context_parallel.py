@@ -1,12 +1,9 @@
 """Context-parallel attention for the model: `ContextParallelAttention` and `apply_cp`.
 
 Every strategy is one code path, Ulysses over the Ulysses group followed by ring attention over the
-ring group, with degrees taken from the Topology:
-
-    ring     contiguous layout, ring over all W ranks        (ulysses_size 1)
-    zigzag   zigzag layout, ring over all W ranks            (ulysses_size 1)
-    ulysses  contiguous layout, all-to-all over all W ranks  (ring_size 1)
-    hybrid   zigzag layout, all-to-all inside U consecutive ranks, ring across R = W / U
+ring group, with degrees taken from the Topology (ring and zigzag: Ulysses degree 1; ulysses: ring
+size 1; hybrid: both). What each strategy implies (layout, Ulysses degree, divisibility) is the
+table layouts.CP_STRATEGIES.
 
 Inputs are this rank's shard (as cut by layouts.shard_batch with layout_for(strategy)) together
 with the GLOBAL positions and document ids of those tokens; nothing else about the layout is
@@ -20,7 +17,7 @@ import weakref
 import torch
 
 from ..attention import backend_ops, prepare_inputs, resolve_backend
-from .layouts import STRATEGIES, LayoutError, check_heads, layout_for, pieces_per_shard
+from .layouts import LayoutError, check_heads, cp_strategy, pieces_per_shard
 from .ring import RingComm, build_ring_plan, ring_attention
 from .topology import Topology
 from .ulysses import expand_kv_heads, gather_seq, head_to_seq, local_heads, seq_to_head
@@ -65,22 +62,18 @@ class ContextParallelAttention:
                  transform: str = "scale_invariant", tau: float = 10.0, backend: str = "auto",
                  alibi_slopes: torch.Tensor | None = None, causal: bool = True, *,
                  scale: float | None = None, layout: str | None = None, cache_plans: bool = True):
-        if strategy not in STRATEGIES:
-            raise LayoutError(f"unknown context-parallel strategy {strategy!r}; choose one of "
-                              f"{', '.join(STRATEGIES)}")
+        spec = cp_strategy(strategy)
         u, r = topology.ulysses_size, topology.ring_size
-        if strategy in ("ring", "zigzag") and u != 1:
-            raise LayoutError(f"strategy {strategy!r} runs a ring over all context-parallel ranks, "
-                              f"but the topology has ulysses_degree {u}; use strategy 'hybrid' or "
-                              f"init_topology(cp_size, ulysses_degree=1)")
-        if strategy == "ulysses" and r != 1:
-            raise LayoutError(f"strategy 'ulysses' needs ulysses_degree == context_parallel_size "
-                              f"({topology.cp_size}), got {u}; use strategy 'hybrid' for "
-                              f"Ulysses x ring")
+        want = spec.ulysses_degree(topology.cp_size, u)
+        if u != want:
+            raise LayoutError(f"strategy {strategy!r} uses Ulysses degree {want} over "
+                              f"{topology.cp_size} context-parallel ranks, but the topology has "
+                              f"ulysses_degree {u}; build it with init_topology_from_config, or use "
+                              f"strategy 'hybrid' for Ulysses x ring")
         self.topology, self.strategy = topology, strategy
         self.transform, self.tau, self.backend, self.causal = transform, float(tau), backend, causal
         self.alibi_slopes, self.scale = alibi_slopes, scale
-        self.layout = layout or layout_for(strategy)
+        self.layout = layout or spec.layout
         self.pieces = pieces_per_shard(self.layout)
         self.ring_comm = RingComm(topology.ring_group, topology.ring_ranks) if r > 1 else None
         self.cache_plans = cache_plans

@@ -24,19 +24,73 @@ travel with the tokens.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 LAYOUTS = ("contiguous", "zigzag", "striped")
 _ALIASES = {"ring": "contiguous", "head_tail": "zigzag", "stripe": "striped"}
-STRATEGIES = ("ring", "zigzag", "ulysses", "hybrid")
-_STRATEGY_LAYOUT = {"ring": "contiguous", "zigzag": "zigzag", "ulysses": "contiguous",
-                    "hybrid": "zigzag"}
 
 
 class LayoutError(ValueError):
     """A sequence length, head count or parallel size that a context-parallel layout cannot use."""
+
+
+def divisors(n: int) -> str:
+    """'1, 2, 4' for n = 4: the sizes that split n evenly, for error messages."""
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+@dataclass(frozen=True)
+class CPStrategy:
+    """What a context-parallel strategy implies (the one home of this knowledge; see CP_STRATEGIES).
+
+    layout    how batches are sharded over the W context-parallel ranks (shard_batch)
+    ulysses   the all-to-all (Ulysses) degree U: "none" (1, a ring over all W ranks), "all" (W, no
+              ring) or "configured" (parallel.ulysses_degree, a ring over the R = W / U groups)
+    Divisibility: the sequence length by the layout's multiple (W, or 2W for zigzag), the query
+    heads by U, and the KV heads by U or U by them (check).
+    """
+
+    name: str
+    layout: str
+    ulysses: str
+
+    def ulysses_degree(self, cp_size: int, configured: int = 1) -> int:
+        """U for cp_size ranks; `configured` is parallel.ulysses_degree (used by hybrid only)."""
+        if self.ulysses == "none":
+            return 1
+        if self.ulysses == "all":
+            return cp_size
+        if configured < 1 or cp_size % configured:
+            raise LayoutError(f"parallel.ulysses_degree {configured} must divide "
+                              f"parallel.context_parallel_size {cp_size}; choose one of "
+                              f"{divisors(cp_size)}")
+        return configured
+
+    def check(self, seq_len: int, cp_size: int, n_heads: int, n_kv_heads: int,
+              configured_ulysses: int = 1) -> None:
+        """LayoutError, naming the fix, when this strategy can't split the sequence or the heads."""
+        check_seq_len(seq_len, cp_size, self.layout)
+        check_heads(n_heads, n_kv_heads, self.ulysses_degree(cp_size, configured_ulysses))
+
+
+CP_STRATEGIES = {s.name: s for s in (
+    CPStrategy("ring", layout="contiguous", ulysses="none"),
+    CPStrategy("zigzag", layout="zigzag", ulysses="none"),
+    CPStrategy("ulysses", layout="contiguous", ulysses="all"),
+    CPStrategy("hybrid", layout="zigzag", ulysses="configured"),  # see the module docstring
+)}
+STRATEGIES = tuple(CP_STRATEGIES)
+
+
+def cp_strategy(name: str) -> CPStrategy:
+    """CP_STRATEGIES[name], or a LayoutError listing the strategies."""
+    if name not in CP_STRATEGIES:
+        raise LayoutError(f"unknown context-parallel strategy {name!r}; choose one of "
+                          f"{', '.join(STRATEGIES)}")
+    return CP_STRATEGIES[name]
 
 
 def normalize_layout(layout: str) -> str:
@@ -49,10 +103,7 @@ def normalize_layout(layout: str) -> str:
 
 def layout_for(strategy: str) -> str:
     """The layout the data loader must shard batches with for a context-parallel strategy."""
-    if strategy not in _STRATEGY_LAYOUT:
-        raise LayoutError(f"unknown context-parallel strategy {strategy!r}; choose one of "
-                          f"{', '.join(STRATEGIES)}")
-    return _STRATEGY_LAYOUT[strategy]
+    return cp_strategy(strategy).layout
 
 
 def pieces_per_shard(layout: str) -> int:

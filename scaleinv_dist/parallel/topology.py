@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from .layouts import cp_strategy, divisors
+
 
 class TopologyError(RuntimeError):
     """A parallel layout that the launched processes cannot form."""
@@ -57,20 +59,6 @@ class Topology:
     ulysses_ranks: tuple = ()
     ring_ranks: tuple = ()  # global ranks of the ring, in ring order (next = ring_rank + 1)
     extra: dict = field(default_factory=dict)
-
-    # ----------------------------------------------------------------- convenience
-    @property
-    def ring_next(self) -> int:
-        return self.ring_ranks[(self.ring_rank + 1) % self.ring_size]
-
-    @property
-    def ring_prev(self) -> int:
-        return self.ring_ranks[(self.ring_rank - 1) % self.ring_size]
-
-    def describe(self) -> str:
-        return (f"rank {self.rank}/{self.world_size}: dp {self.dp_rank}/{self.dp_size}, "
-                f"cp {self.cp_rank}/{self.cp_size} (ulysses {self.ulysses_rank}/{self.ulysses_size}"
-                f" x ring {self.ring_rank}/{self.ring_size}), tp {self.tp_rank}/{self.tp_size}")
 
     # ----------------------------------------------------------------- mpu (Megatron / DeepSpeed)
     def get_data_parallel_group(self, with_context_parallel: bool = False):
@@ -140,14 +128,6 @@ _CURRENT: Topology | None = None
 _OWN_GROUPS: list = []
 
 
-def current_topology() -> Topology | None:
-    return _CURRENT
-
-
-def _divisors(n: int) -> str:
-    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
-
-
 def _init_process_group(timeout_s: float, backend: str | None) -> None:
     if dist.is_initialized():
         return
@@ -207,7 +187,7 @@ def init_topology(cp_size: int = 1, ulysses_degree: int = 1, timeout_s: float = 
                             f"must be >= 1")
     if cp_size % ulysses_degree:
         raise TopologyError(f"ulysses_degree {ulysses_degree} must divide context_parallel_size "
-                            f"{cp_size}; choose one of {_divisors(cp_size)}")
+                            f"{cp_size}; choose one of {divisors(cp_size)}")
     _init_process_group(timeout_s, backend)
     world = dist.get_world_size()
     model = cp_size * tensor_parallel_size
@@ -215,7 +195,7 @@ def init_topology(cp_size: int = 1, ulysses_degree: int = 1, timeout_s: float = 
         raise TopologyError(
             f"{world} processes are not divisible by context_parallel_size {cp_size} x tensor "
             f"parallel {tensor_parallel_size}; launch a multiple of {model} processes or use a "
-            f"context_parallel_size that divides {world} ({_divisors(world)})")
+            f"context_parallel_size that divides {world} ({divisors(world)})")
 
     ps = None
     if groups not in ("auto", "megatron", "torch"):
@@ -340,27 +320,10 @@ def _torch_topology(cp_size, ulysses_degree, tp, timeout_s) -> Topology:
         extra={"groups": "torch.distributed"}))
 
 
-
-
-def ulysses_degree_for(strategy: str, cp_size: int, ulysses_degree: int = 1) -> int:
-    """The all-to-all degree a strategy uses: ring/zigzag 1, ulysses all of cp, hybrid as configured."""
-    if strategy in ("ring", "zigzag"):
-        return 1
-    if strategy == "ulysses":
-        return cp_size
-    if strategy == "hybrid":
-        if cp_size % ulysses_degree:
-            raise TopologyError(f"parallel.ulysses_degree {ulysses_degree} must divide "
-                                f"parallel.context_parallel_size {cp_size}")
-        return ulysses_degree
-    raise TopologyError(f"unknown parallel.cp_strategy {strategy!r}; choose ring, zigzag, ulysses "
-                        f"or hybrid")
-
-
 def init_topology_from_config(parallel_cfg, timeout_s: float = 600.0, **kwargs) -> Topology:
     """init_topology for a config's `parallel` section (ParallelConfig)."""
     cp = parallel_cfg.context_parallel_size
-    u = ulysses_degree_for(parallel_cfg.cp_strategy, cp, parallel_cfg.ulysses_degree)
+    u = cp_strategy(parallel_cfg.cp_strategy).ulysses_degree(cp, parallel_cfg.ulysses_degree)
     return init_topology(cp, u, timeout_s, **kwargs)
 
 

@@ -40,7 +40,7 @@ import torch
 
 from ..cli import EXIT_NONFINITE, EXIT_PEER_FAILURE, EXIT_PREEMPTED  # noqa: F401 (re-exported)
 from ..config import save_config
-from ..data.batches import IGNORE_INDEX
+from ..loss import IGNORE_INDEX
 from ..model import build_model
 from . import faults
 from .checkpoint import Checkpointer, CheckpointError

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from ..data.batches import IGNORE_INDEX
+from ..loss import IGNORE_INDEX
 
 
 def evaluate_loss(engine, val_store, cfg, local_batch: Callable, device, dp_rank: int,
