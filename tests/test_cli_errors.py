@@ -105,7 +105,7 @@ CASES = [
          ["does not match the model", "config.yaml edited"]),
     case("eval-other-version", "eval", ["--run", "{run_other_version}"],
          ["unknown config key 'attention.tau_schedule'"]),
-    case("eval-damaged-checkpoint", "eval", ["--run", "{run_damaged}"], ["cannot be read as safetensors"]),
+    case("eval-damaged-checkpoint", "eval", ["--run", "{run_damaged}"], ["damaged", "model.safetensors"]),
     case("eval-cuda-on-cpu", "eval", ["--run", "{run}", "--device", "cuda"], ["CUDA is not available"],
          cuda_free=True),
     case("eval-triton-on-cpu", "eval", ["--run", "{run}", "attention.backend=triton"],

@@ -6,7 +6,7 @@ import torch
 
 from scaleinv_dist.config import load_config, save_config
 from scaleinv_dist.model import build_model
-from scaleinv_dist.run_dir import save_weights
+from scaleinv_dist.run_dir import save_weights, write_manifest
 
 TRAIN_LEN = 16
 VOCAB = 96
@@ -45,5 +45,6 @@ def make_run(tmp_path: Path, position="p_rope", transform="scale_invariant", nam
     (run / "tokenizer.model").write_bytes(buf.getvalue())
     save_config(tiny_config(position, transform), run / "config.yaml")
     save_weights(tiny_model(position, transform), run / "checkpoints" / "step_1")
+    write_manifest(run / "checkpoints" / "step_1")  # as every published checkpoint has
     (run / "checkpoints" / "latest").write_text("step_1")
     return run
