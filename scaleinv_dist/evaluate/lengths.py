@@ -15,8 +15,8 @@ import math
 from typing import Callable, Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 
+from ..loss import token_cross_entropy
 from .common import autocast
 
 Batch = object  # scaleinv_dist.data.Batch: tokens, labels, positions, doc_ids, each (B, L) int64
@@ -50,14 +50,8 @@ def token_losses(model, tokens: torch.Tensor, positions: torch.Tensor, doc_ids: 
     Computes logits chunk by chunk from the final hidden states (never the full N x V logits).
     """
     h = model.hidden_states(tokens, positions, doc_ids)
-    weight = model.lm_head.weight
-    flat_h, flat_y = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
-    step = max(1, int(chunk_tokens or getattr(model, "loss_chunk_tokens", 8192)))
-    out = torch.empty(flat_y.shape, dtype=torch.float32, device=h.device)
-    for s in range(0, flat_h.shape[0], step):
-        logits = (flat_h[s:s + step] @ weight.t()).float()
-        out[s:s + step] = F.cross_entropy(logits, flat_y[s:s + step], ignore_index=-100, reduction="none")
-    return out.view(labels.shape)
+    chunk = chunk_tokens or getattr(model, "loss_chunk_tokens", 8192)
+    return token_cross_entropy(h, model.lm_head.weight, labels, chunk)
 
 
 def bucket_sums(losses: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor,
