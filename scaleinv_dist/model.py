@@ -270,18 +270,23 @@ def compile_blocks(model: GPT, backend: str = "inductor") -> GPT:
     return model
 
 
-def compile_wanted(cfg, device: torch.device) -> bool:
-    """train.compile, on CUDA only: never on CPU (compile time dominates a small CPU run) or
-    under TRITON_INTERPRET (the kernels are being interpreted on the CPU)."""
-    return (cfg.train.compile and torch.device(device).type == "cuda"
+def compile_wanted(cfg, device) -> bool:
+    """train.compile on CUDA: never on CPU (compile time dominates a small CPU run), under
+    TRITON_INTERPRET (kernels interpreted on the CPU) or with ZeRO-3 (its parameter gathering hooks
+    into every submodule call, which compiled code would trace)."""
+    return (cfg.train.compile and torch.device(device).type == "cuda" and cfg.train.zero_stage < 3
             and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
 
 
-def build_model(cfg, vocab_size: int | None = None) -> GPT:
-    """A GPT from a full Config; vocab_size fills model.vocab_size when that is 0."""
+def build_model(cfg, vocab_size: int | None = None, device=None) -> GPT:
+    """A GPT from a full Config; vocab_size fills model.vocab_size when that is 0. With the device
+    it will train on, the blocks are compiled when compile_wanted (compilation itself happens at the
+    first forward)."""
     mcfg = cfg.model
     if vocab_size is not None and mcfg.vocab_size == 0:
         mcfg = type(mcfg)(**{**mcfg.__dict__, "vocab_size": vocab_size})
     model = GPT(mcfg, cfg.attention, cfg.train.seq_len, cfg.train.loss_chunk_tokens)
     model.set_activation_checkpointing(cfg.train.activation_checkpointing)
+    if device is not None and compile_wanted(cfg, device):
+        compile_blocks(model)
     return model

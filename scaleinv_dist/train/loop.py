@@ -269,7 +269,7 @@ def _train(cfg, env) -> dict:
         _write_run_files(resolved, out_dir, bundle.tokenizer)
 
     seed_everything(cfg.run.seed)  # the same initial weights whatever data preparation consumed
-    model = build_model(resolved)
+    model = build_model(resolved, device=env.device)  # issue 16: compiled blocks on CUDA (train.compile)
     n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
     flops_per_token = model.flops_per_token(t.seq_len)
     if topology is not None:
