@@ -5,6 +5,8 @@ untied output head. Every token carries its absolute position and document id: t
 `positions` (B, N) and `doc_ids` (B, N) with the tokens, and the attention reads them through an
 injected `attend(q, k, v, q_pos, k_pos, q_seg, k_seg)` callable, which sequence parallelism swaps
 for a distributed one (scaleinv_dist.parallel.apply_cp). Nothing here imports torch.distributed.
+Each block is two halves around that call, which `compile_blocks` compiles (train.compile, CUDA);
+the attention itself always runs eagerly, whatever it is.
 
 Positional schemes (AttentionConfig.position): rope, p_rope (RoPE on a fraction of the channel
 pairs, frequencies 1 .. 1/p_rope_base; the rest carry no position), nope, alibi.
