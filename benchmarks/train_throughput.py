@@ -12,7 +12,7 @@ with three attention implementations in the same run:
   ours       scale-invariant p-RoPE through the fused Triton kernel (or the config's backend)
   flex-si    the same model with FlexAttention + the scale-invariant score_mod (the paper's route)
   sdpa-rope  RoPE, no transform, torch SDPA cuDNN (the cost floor)
-each with the blocks compiled or not (--compile on|off|on,off; scaleinv_dist.model.compile_blocks,
+each with the blocks compiled or not (--compile on|off|on,off; scaleinv_dist.model.compile_model,
 Inductor) and each activation-checkpointing mode --ckpt names for that length. Memory recipe:
 activation checkpointing (--ckpt none|selective|full|offload; the --longest probes use
 --probe-ckpt, default offload), the fused chunked linear cross-entropy, bf16 autocast, fused AdamW.
@@ -44,7 +44,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scaleinv_dist.config import load_config  # noqa: E402
-from scaleinv_dist.model import build_model, compile_blocks  # noqa: E402
+from scaleinv_dist.model import build_model, compile_model  # noqa: E402
 
 CKPT_MODES = ("none", "selective", "full", "offload")
 SMOKE_OVERRIDES = ["model.n_layer=2", "model.d_model=64", "model.n_head=4", "model.n_kv_head=2"]
@@ -95,7 +95,7 @@ def build(cfg, impl: str, vocab: int, ckpt: str, compiled: bool, device: torch.d
         model.attend = sdpa_cudnn_attend
     if compiled:  # Inductor on CUDA; on CPU (smoke runs) AOTAutograd without code generation
         torch._dynamo.reset()  # a fresh cache per model: no recompile limit across rows
-        compile_blocks(model, "inductor" if device.type == "cuda" else "aot_eager")
+        compile_model(model, "inductor" if device.type == "cuda" else "aot_eager")
     return model
 
 

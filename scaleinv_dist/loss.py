@@ -12,6 +12,8 @@ one the size of the weight (fp32).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 IGNORE_INDEX = -100
@@ -24,47 +26,64 @@ def _compute_dtype(h: torch.Tensor) -> torch.dtype:
 
 
 def _chunks(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int):
-    """Yield (start, h chunk, labels chunk, logits (T, V), log-sum-exp (T,)) over token chunks.
-
-    Logits are computed in the compute dtype (autocast's) and held in float32 (float64 when the
-    inputs are float64); autocast is off inside, the casts are explicit. h (T, d), weight (V, d).
-    """
+    """Yield (start, h chunk, weight, labels chunk, logits (T, V)) over token chunks, h and weight
+    and the logits in the compute dtype (autocast's). Autocast is off inside; the casts are
+    explicit. hidden (T, d), weight (V, d)."""
     dtype = _compute_dtype(hidden)
-    acc = torch.promote_types(dtype, torch.float32)
     w = weight.to(dtype)
     step = max(1, int(chunk_tokens))
     with torch.autocast(hidden.device.type, enabled=False):
         for s in range(0, hidden.shape[0], step):
             hs = hidden[s:s + step].to(dtype)
-            logits = (hs @ w.t()).to(acc)
-            yield s, hs, w, labels[s:s + step], logits, torch.logsumexp(logits, dim=-1)
+            yield s, hs, w, labels[s:s + step], hs @ w.t()
 
 
-def _token_losses(logits: torch.Tensor, lse: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """lse - logit of the label, 0 where y == IGNORE_INDEX; (T,) in logits' dtype."""
+def _token_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """log-sum-exp - logit of the label, computed in float32 (float64 for float64 logits), 0 where
+    y == IGNORE_INDEX. logits (T, V), y (T,) -> (T,)."""
+    lf = logits.to(torch.promote_types(logits.dtype, torch.float32))
     valid = y != IGNORE_INDEX
-    target = logits.gather(1, torch.where(valid, y, 0)[:, None])[:, 0]
-    return torch.where(valid, lse - target, 0.0)
+    target = lf.gather(1, torch.where(valid, y, 0)[:, None])[:, 0]
+    return torch.where(valid, torch.logsumexp(lf, dim=-1) - target, 0.0)
+
+
+def _loss_and_dlogits(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed loss and d loss / d logits = softmax - one_hot(y) (rows of ignored tokens 0), computed
+    in float32 (float64 for float64 logits), the gradient returned in logits' dtype.
+
+    logits (T, V), y (T,). Eager, the work happens in place on one float32 copy of the logits;
+    compiled (`compiled_loss_and_dlogits`) it is two passes over the 16-bit logits."""
+    lf = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    valid = y != IGNORE_INDEX
+    yc = torch.where(valid, y, 0)
+    lse = torch.logsumexp(lf, dim=-1)
+    loss = torch.where(valid, lse - lf.gather(1, yc[:, None])[:, 0], 0.0).sum()
+    g = lf.sub_(lse[:, None]).exp_()
+    g[torch.arange(g.shape[0], device=g.device), yc] -= 1
+    return loss, g.mul_(valid[:, None]).to(logits.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_loss_and_dlogits(backend: str = "inductor"):
+    """`_loss_and_dlogits` through torch.compile (static shapes: a full chunk and the last one)."""
+    return torch.compile(_loss_and_dlogits, backend=backend, dynamic=False)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of logits = h @ weight.T; gradients computed in the forward pass."""
 
     @staticmethod
-    def forward(ctx, h, weight, labels, chunk_tokens):
+    def forward(ctx, h, weight, labels, chunk_tokens, compile_backend):
         want_h, want_w = ctx.needs_input_grad[:2]
         grad_h = torch.empty_like(h) if want_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
                              device=weight.device) if want_w else None
+        fn = compiled_loss_and_dlogits(compile_backend) if compile_backend else _loss_and_dlogits
         total = None
-        for s, hs, w, y, logits, lse in _chunks(h, weight, labels, chunk_tokens):
-            loss = _token_losses(logits, lse, y).sum()
+        for s, hs, w, y, logits in _chunks(h, weight, labels, chunk_tokens):
+            loss, g = fn(logits, y)
+            del logits
             total = loss if total is None else total + loss
-            # d loss / d logits = softmax - one_hot(y), zero on ignored rows (in place on logits)
-            valid = y != IGNORE_INDEX
-            g = logits.sub_(lse[:, None]).exp_()
-            g[torch.arange(g.shape[0], device=g.device), torch.where(valid, y, 0)] -= 1
-            g = g.mul_(valid[:, None]).to(hs.dtype)
             if want_h:
                 grad_h[s:s + hs.shape[0]] = g @ w
             if want_w:
@@ -76,16 +95,18 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
         scale = (lambda g: None if g is None else g * grad_out.to(g.dtype))  # noqa: E731
-        return scale(grad_h), scale(grad_w), None, None
+        return scale(grad_h), scale(grad_w), None, None, None
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                          chunk_tokens: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+                          chunk_tokens: int = 8192, compile_backend: str | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of token losses (fp32 scalar; fp64 for fp64 inputs) and the number of scored tokens
     (labels != IGNORE_INDEX).
 
     hidden (B, N, d), weight (V, d) the output head, labels (B, N) int64. Differentiable in hidden
     and weight (fused: gradients are formed chunk by chunk in the forward pass; no recompute).
+    compile_backend (e.g. "inductor") compiles the per-chunk softmax / gradient arithmetic.
     """
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1)
@@ -93,9 +114,8 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     if h.shape[0] == 0:
         return hidden.new_zeros((), dtype=torch.float32), n
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        return _FusedLinearCrossEntropy.apply(h, weight, y, chunk_tokens), n
-    total = sum(_token_losses(logits, lse, ys).sum()
-                for _, _, _, ys, logits, lse in _chunks(h, weight, y, chunk_tokens))
+        return _FusedLinearCrossEntropy.apply(h, weight, y, chunk_tokens, compile_backend), n
+    total = sum(_token_losses(logits, ys).sum() for _, _, _, ys, logits in _chunks(h, weight, y, chunk_tokens))
     return total, n
 
 
@@ -109,6 +129,6 @@ def token_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1)
     out = torch.zeros(y.shape, dtype=torch.float32, device=hidden.device)
-    for s, hs, _, ys, logits, lse in _chunks(h, weight, y, chunk_tokens):
-        out[s:s + hs.shape[0]] = _token_losses(logits, lse, ys)
+    for s, hs, _, ys, logits in _chunks(h, weight, y, chunk_tokens):
+        out[s:s + hs.shape[0]] = _token_losses(logits, ys)
     return out.view(labels.shape)

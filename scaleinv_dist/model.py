@@ -5,7 +5,7 @@ untied output head. Every token carries its absolute position and document id: t
 `positions` (B, N) and `doc_ids` (B, N) with the tokens, and the attention reads them through an
 injected `attend(q, k, v, q_pos, k_pos, q_seg, k_seg)` callable, which sequence parallelism swaps
 for a distributed one (scaleinv_dist.parallel.apply_cp). Nothing here imports torch.distributed.
-Each block is two halves around that call, which `compile_blocks` compiles (train.compile, CUDA);
+Each block is two halves around that call, which `compile_model` compiles (train.compile, CUDA);
 the attention itself always runs eagerly, whatever it is.
 
 Positional schemes (AttentionConfig.position): rope, p_rope (RoPE on a fraction of the channel
@@ -140,7 +140,7 @@ class Block(nn.Module):
     """x + attention(norm(x)), then x + MLP(norm(x)).
 
     The attention call sits between two halves, `pre` (norm, QKV, QK-norm, rotary) and `post`
-    (output projection, residual, MLP, residual), which `compile_blocks` compiles; the attention
+    (output projection, residual, MLP, residual), which `compile_model` compiles; the attention
     itself runs eagerly in between, so whatever `attend` is (fused kernel, FlexAttention, the
     context-parallel ring) is never traced.
     """
@@ -176,6 +176,7 @@ class GPT(nn.Module):
             raise ValueError("model.vocab_size must be set (0 means: take it from the tokenizer)")
         self.cfg, self.attn_cfg = cfg, attn
         self.loss_chunk_tokens = loss_chunk_tokens
+        self.loss_compile_backend: str | None = None  # set by compile_model
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, attn, train_seq_len) for _ in range(cfg.n_layer))
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -244,7 +245,8 @@ class GPT(nn.Module):
         h = self.hidden_states(tokens, positions, doc_ids)
         if labels is None:
             return self.lm_head(h)
-        return chunked_cross_entropy(h, self.lm_head.weight, labels, self.loss_chunk_tokens)
+        return chunked_cross_entropy(h, self.lm_head.weight, labels, self.loss_chunk_tokens,
+                                     self.loss_compile_backend)
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -261,14 +263,16 @@ class GPT(nn.Module):
         return 6.0 * self.num_params(non_embedding=True) + attn
 
 
-def compile_blocks(model: GPT, backend: str = "inductor") -> GPT:
-    """torch.compile each block's two halves around its attention call (in place; parameter names
-    and the state dict are unchanged). The attention runs eagerly between the compiled halves, so
-    `model.attend` stays swappable (apply_cp) before or after this call, and activation
-    checkpointing (applied around or inside the halves) keeps working. Returns the model."""
+def compile_model(model: GPT, backend: str = "inductor") -> GPT:
+    """torch.compile each block's two halves around its attention call, and the loss's per-chunk
+    softmax / gradient arithmetic (in place; parameter names and the state dict are unchanged).
+    The attention runs eagerly between the compiled halves, so `model.attend` stays swappable
+    (apply_cp) before or after this call, and activation checkpointing (applied around or inside
+    the halves) keeps working. Returns the model."""
     for block in model.blocks:
         block.pre = torch.compile(block.pre, backend=backend)
         block.post = torch.compile(block.post, backend=backend)
+    model.loss_compile_backend = backend
     return model
 
 
@@ -290,5 +294,5 @@ def build_model(cfg, vocab_size: int | None = None, device=None) -> GPT:
     model = GPT(mcfg, cfg.attention, cfg.train.seq_len, cfg.train.loss_chunk_tokens)
     model.set_activation_checkpointing(cfg.train.activation_checkpointing)
     if device is not None and compile_wanted(cfg, device):
-        compile_blocks(model)
+        compile_model(model)
     return model

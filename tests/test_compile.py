@@ -1,4 +1,4 @@
-"""torch.compile of the blocks (scaleinv_dist.model.compile_blocks): the compiled model gives the
+"""torch.compile of the blocks (scaleinv_dist.model.compile_model): the compiled model gives the
 loss and gradients of the eager one under every activation-checkpointing mode, the attention call
 stays outside the compiled code (swappable, context parallelism keeps its parity), and
 `train.compile` applies on CUDA only.
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from scaleinv_dist.config import load_config
-from scaleinv_dist.model import build_model, compile_blocks, compile_wanted
+from scaleinv_dist.model import build_model, compile_model, compile_wanted
 
 V, B, N, D_MODEL = 97, 2, 24, 32
 TOL = 1e-5
@@ -74,7 +74,7 @@ def test_compiled_equals_eager(mode, one_thread):
     torch.manual_seed(0)
     eager = loss_and_grads(build_model(small_cfg(f"train.activation_checkpointing={mode}")))
     torch.manual_seed(0)
-    model = compile_blocks(build_model(small_cfg(f"train.activation_checkpointing={mode}")), "aot_eager")
+    model = compile_model(build_model(small_cfg(f"train.activation_checkpointing={mode}")), "aot_eager")
     check_same(eager, loss_and_grads(model))
     assert list(model.state_dict()) == list(build_model(small_cfg()).state_dict())  # names unchanged
 
@@ -99,7 +99,7 @@ def test_selective_checkpointing_still_recomputes_the_mlp_when_compiled(one_thre
     hidden = (B, N, 4 * D_MODEL)
     for mode, kept in (("none", True), ("selective", False)):
         torch._dynamo.reset()
-        model = compile_blocks(build_model(small_cfg(f"train.activation_checkpointing={mode}")), "aot_eager")
+        model = compile_model(build_model(small_cfg(f"train.activation_checkpointing={mode}")), "aot_eager")
         assert (hidden in saved_shapes(model)) == kept, mode
 
 
@@ -107,7 +107,7 @@ def test_attention_stays_swappable_after_compile(one_thread):
     """The attention function is looked up at every call, outside the compiled halves: swapping
     model.attend after compiling (as apply_cp may) takes effect, with no recompilation."""
     torch.manual_seed(0)
-    model = compile_blocks(build_model(small_cfg()), "aot_eager")
+    model = compile_model(build_model(small_cfg()), "aot_eager")
     tokens, positions, doc_ids, labels = batch()
     model(tokens, positions, doc_ids, labels)
     calls = []
@@ -141,7 +141,7 @@ def test_inductor_compiled_equals_eager(one_thread):
     torch.manual_seed(0)
     eager = loss_and_grads(build_model(small_cfg("train.activation_checkpointing=selective")))
     torch.manual_seed(0)
-    model = compile_blocks(build_model(small_cfg("train.activation_checkpointing=selective")))
+    model = compile_model(build_model(small_cfg("train.activation_checkpointing=selective")))
     check_same(eager, loss_and_grads(model))
 
 
@@ -169,7 +169,7 @@ def _cp_worker(rank: int, world: int, port: int, path: str) -> None:
         torch.manual_seed(0)
         model = build_model(small_cfg("train.activation_checkpointing=full"))
         apply_cp(model, topo, ParallelConfig(context_parallel_size=world, cp_strategy="zigzag"))
-        compile_blocks(model, "aot_eager")
+        compile_model(model, "aot_eager")
         tokens, positions, doc_ids, labels = shard_batch(*batch(), rank=topo.cp_rank, cp_size=world,
                                                          layout=layout_for("zigzag"))
         for _ in range(2):  # the first pass compiles
