@@ -76,13 +76,20 @@ def parse_ckpt(spec: str, lengths: list[int]) -> dict[int, list[str]]:
     per, every = {}, []
     for entry in (e.strip() for e in spec.split(",") if e.strip()):
         length, _, mode = entry.rpartition(":")
-        if mode not in CKPT_MODES:
-            raise SystemExit(f"error: --ckpt entry {entry!r}: mode must be one of {', '.join(CKPT_MODES)}")
+        if mode not in CKPT_MODES or (length and not length.isdigit()):
+            usage_error(f"--ckpt entry {entry!r} must be MODE or LENGTH:MODE with MODE one of "
+                        f"{', '.join(CKPT_MODES)} (e.g. --ckpt 16384:selective,65536:full)")
         if length:
             per.setdefault(int(length), []).append(mode)
         else:
             every.append(mode)
     return {n: per.get(n, every) or ["selective"] for n in lengths}
+
+
+def usage_error(message: str) -> None:
+    """A user mistake: one line on stderr, exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def build(cfg, impl: str, vocab: int, ckpt: str, compiled: bool, device: torch.device):
@@ -312,7 +319,7 @@ def main() -> None:
     compiles = []
     for c in args.compile.split(","):
         if c not in ("on", "off"):
-            raise SystemExit(f"error: --compile takes on, off or on,off; got {args.compile!r}")
+            usage_error(f"--compile takes on, off or on,off; got {args.compile!r}")
         compiles.append(c == "on")
     lengths = [int(x) for x in args.lengths.split(",") if x]
     ckpts = parse_ckpt(args.ckpt, lengths)

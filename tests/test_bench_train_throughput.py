@@ -30,3 +30,12 @@ def test_train_throughput_smoke(tmp_path, train_env):
         assert "Self CPU" in (out / name).read_text()
     report = (out / "RESULTS.md").read_text()
     assert "## train_throughput" in report and "attn bwd" in report and "--smoke" in report
+
+
+@pytest.mark.parametrize("args, words", [(["--ckpt", "4096:bogus"], "--ckpt entry"),
+                                         (["--compile", "maybe"], "--compile takes")])
+def test_bad_options_are_one_line_errors(train_env, args, words):
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--lengths", "4096", *args],
+                       env=train_env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
