@@ -93,8 +93,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        # scaled in place: no second tensor the size of the hidden states (6 GiB at 2M tokens)
+        if getattr(ctx, "done", False):
+            raise RuntimeError("the fused cross-entropy's backward runs once; retain_graph=True and "
+                               "a second backward through it are not supported")
+        ctx.done = True
         grad_h, grad_w = ctx.saved_tensors
-        scale = (lambda g: None if g is None else g * grad_out.to(g.dtype))  # noqa: E731
+        scale = (lambda g: None if g is None else g.mul_(grad_out.to(g.dtype)))  # noqa: E731
         return scale(grad_h), scale(grad_w), None, None, None
 
 

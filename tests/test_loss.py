@@ -149,3 +149,12 @@ def test_compiled_chunk_arithmetic_matches(backend, fresh_dynamo):
         loss_e, _ = chunked_cross_entropy(h, w, y, 10)
         eh, ew = torch.autograd.grad(loss_e, (h, w))
     assert rel(loss_c, loss_e) <= 1e-5 and rel(ch, eh) <= 1e-2 and rel(cw, ew) <= 1e-2
+
+
+def test_second_backward_is_refused():
+    """The stored gradients are scaled in place, so a second backward would be wrong: it raises."""
+    h, w, y = inputs()
+    loss, _ = chunked_cross_entropy(h, w, y, 8)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="runs once"):
+        loss.backward()
