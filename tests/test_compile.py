@@ -79,6 +79,21 @@ def test_compiled_equals_eager(mode, one_thread):
     assert list(model.state_dict()) == list(build_model(small_cfg()).state_dict())  # names unchanged
 
 
+def test_compiled_equals_eager_under_bf16_autocast(one_thread):
+    """The GPU setting on CPU: bf16 autocast traced inside the compiled halves (autocast_dtype casts
+    q, k, v there). aot_eager runs the same bf16 ops: TOL as in fp32 (observed ~1e-7)."""
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = build_model(small_cfg("train.activation_checkpointing=selective"))
+        if compiled:
+            compile_model(model, "aot_eager")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(loss_and_grads(model))
+    (eager_loss, eager_grads), (loss, grads) = results
+    check_same((eager_loss, eager_grads), (loss, grads))
+
+
 def saved_shapes(model) -> set:
     """Shapes of every tensor autograd keeps for backward during one forward of `model`."""
     shapes = set()
