@@ -391,7 +391,8 @@ def report(rows, args, peak, device: torch.device, out: Path | None) -> None:
     for r in rows:
         comp = "on" if r["compile"] else "off"
         if r["status"] != "ok":
-            lines.append(f"| {r['impl']} | {r['seq_len']} | | {r['gpus']} | {r['ckpt']} | {comp} | {r['status']} | | | | |")
+            lines.append(f"| {r['impl']} | {r['seq_len']} | | {r['gpus']} | {r['ckpt']} | {comp} | "
+                         f"{r['status']} | | | | |")
             continue
         b = base.get(key(r))
         ratio = f"{r['step_s'] / b['step_s']:.2f}x" if b and "probe" not in r else ""

@@ -26,7 +26,8 @@ def test_train_throughput_smoke(tmp_path, train_env):
         assert row["status"] == "ok" and row["step_s"] > 0, row
         assert row["attn_fwd_ms"] > 0 and row["attn_bwd_ms"] > 0 and row["rest_ms"] > 0, row
         assert row["attn_fwd_ms"] + row["attn_bwd_ms"] < row["busy_ms"], row
-        name = f"top_kernels_{row['impl']}_{row['seq_len']}_{row['ckpt']}_{'compiled' if row['compile'] else 'eager'}.txt"
+        mode = "compiled" if row["compile"] else "eager"
+        name = f"top_kernels_{row['impl']}_{row['seq_len']}_{row['ckpt']}_{mode}.txt"
         assert "Self CPU" in (out / name).read_text()
     report = (out / "RESULTS.md").read_text()
     assert "## train_throughput" in report and "attn bwd" in report and "--smoke" in report
