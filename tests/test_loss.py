@@ -158,3 +158,16 @@ def test_second_backward_is_refused():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="runs once"):
         loss.backward()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", [None, "inductor"])
+def test_fused_on_cuda_under_bf16_autocast(backend):
+    """CUDA bf16 autocast, eager and compiled chunk arithmetic: within 2e-2 of float64."""
+    h, w, y = (t.cuda() if not t.requires_grad else t.detach().cuda().requires_grad_() for t in inputs(seed=2))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss, _ = chunked_cross_entropy(h, w, y, 10, compile_backend=backend)
+        gh, gw = torch.autograd.grad(0.5 * loss, (h, w))
+    ref, rh, rw = reference(h.cpu(), w.cpu(), y.cpu())
+    assert rel(loss.cpu(), ref) <= 2e-2 and rel(gh.cpu(), rh) <= 2e-2 and rel(gw.cpu(), rw) <= 2e-2
