@@ -25,17 +25,18 @@ def _compute_dtype(h: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
 
 
-def _chunks(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int):
-    """Yield (start, h chunk, weight, labels chunk, logits (T, V)) over token chunks, h and weight
-    and the logits in the compute dtype (autocast's). Autocast is off inside; the casts are
-    explicit. hidden (T, d), weight (V, d)."""
-    dtype = _compute_dtype(hidden)
+def _chunks(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int,
+            dtype: torch.dtype):
+    """Yield (start, h chunk, weight, labels chunk, logits (T, V)) over token chunks, h, weight and
+    the logits in `dtype` (the matmul dtype, `_compute_dtype`; explicit casts, autocast off for the
+    matmul). hidden (T, d), weight (V, d)."""
     w = weight.to(dtype)
     step = max(1, int(chunk_tokens))
-    with torch.autocast(hidden.device.type, enabled=False):
-        for s in range(0, hidden.shape[0], step):
-            hs = hidden[s:s + step].to(dtype)
-            yield s, hs, w, labels[s:s + step], hs @ w.t()
+    for s in range(0, hidden.shape[0], step):
+        hs = hidden[s:s + step].to(dtype)
+        with torch.autocast(hidden.device.type, enabled=False):
+            logits = hs @ w.t()
+        yield s, hs, w, labels[s:s + step], logits
 
 
 def _token_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -44,7 +45,8 @@ def _token_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     lf = logits.to(torch.promote_types(logits.dtype, torch.float32))
     valid = y != IGNORE_INDEX
     target = lf.gather(1, torch.where(valid, y, 0)[:, None])[:, 0]
-    return torch.where(valid, torch.logsumexp(lf, dim=-1) - target, 0.0)
+    with torch.autocast(logits.device.type, enabled=False):
+        return torch.where(valid, torch.logsumexp(lf, dim=-1) - target, 0.0)
 
 
 def _loss_and_dlogits(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,14 +82,16 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                              device=weight.device) if want_w else None
         fn = compiled_loss_and_dlogits(compile_backend) if compile_backend else _loss_and_dlogits
         total = None
-        for s, hs, w, y, logits in _chunks(h, weight, labels, chunk_tokens):
-            loss, g = fn(logits, y)
-            del logits
-            total = loss if total is None else total + loss
-            if want_h:
-                grad_h[s:s + hs.shape[0]] = g @ w
-            if want_w:
-                grad_w += (g.t() @ hs).to(grad_w.dtype)
+        chunks = _chunks(h, weight, labels, chunk_tokens, _compute_dtype(h))
+        with torch.autocast(h.device.type, enabled=False):  # explicit dtypes below
+            for s, hs, w, y, logits in chunks:
+                loss, g = fn(logits, y)
+                del logits
+                total = loss if total is None else total + loss
+                if want_h:
+                    grad_h[s:s + hs.shape[0]] = g @ w
+                if want_w:
+                    grad_w += (g.t() @ hs).to(grad_w.dtype)
         ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype))
         return total
 
@@ -120,8 +124,8 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         return hidden.new_zeros((), dtype=torch.float32), n
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return _FusedLinearCrossEntropy.apply(h, weight, y, chunk_tokens, compile_backend), n
-    total = sum(_token_losses(logits, ys).sum() for _, _, _, ys, logits in _chunks(h, weight, y, chunk_tokens))
-    return total, n
+    chunks = _chunks(h, weight, y, chunk_tokens, _compute_dtype(h))
+    return sum(_token_losses(logits, ys).sum() for _, _, _, ys, logits in chunks), n
 
 
 @torch.no_grad()
@@ -134,6 +138,6 @@ def token_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1)
     out = torch.zeros(y.shape, dtype=torch.float32, device=hidden.device)
-    for s, hs, _, ys, logits in _chunks(h, weight, y, chunk_tokens):
+    for s, hs, _, ys, logits in _chunks(h, weight, y, chunk_tokens, _compute_dtype(h)):
         out[s:s + hs.shape[0]] = _token_losses(logits, ys)
     return out.view(labels.shape)
