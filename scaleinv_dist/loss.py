@@ -34,9 +34,13 @@ def _chunks(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ch
     step = max(1, int(chunk_tokens))
     for s in range(0, hidden.shape[0], step):
         hs = hidden[s:s + step].to(dtype)
-        with torch.autocast(hidden.device.type, enabled=False):
-            logits = hs @ w.t()
-        yield s, hs, w, labels[s:s + step], logits
+        yield s, hs, w, labels[s:s + step], _matmul_t(hs, w)  # no local: the consumer frees it
+
+
+def _matmul_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b.T in the inputs' dtype, autocast off."""
+    with torch.autocast(a.device.type, enabled=False):
+        return a @ b.t()
 
 
 def _token_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
