@@ -1,20 +1,32 @@
-"""Training-step throughput, MFU and peak memory of a config's model at long sequence lengths.
+"""Training-step throughput, MFU, peak memory and where the step time goes, at long sequence lengths.
 
     python benchmarks/train_throughput.py --config configs/paper-162m.yaml --lengths 4096,16384,65536
+    python benchmarks/train_throughput.py --lengths 16384,65536 --impls ours,sdpa-rope --compile on,off \
+        --ckpt 16384:none,16384:selective,65536:selective,65536:full --out /tmp/tt
     torchrun --nproc_per_node 4 benchmarks/train_throughput.py --lengths 262144 --cp-strategy zigzag
+    python benchmarks/train_throughput.py --smoke          # seconds, CPU or GPU: does the script run?
 
 Per length it times a full training step (forward, backward, AdamW) of max(1, 65536 // length)
-sequences (--tokens-per-step; one sequence split over the GPUs with --cp-strategy), bf16 autocast, with three attention implementations in the same run:
+sequences (--tokens-per-step; one sequence split over the GPUs with --cp-strategy), bf16 autocast,
+with three attention implementations in the same run:
   ours       scale-invariant p-RoPE through the fused Triton kernel (or the config's backend)
   flex-si    the same model with FlexAttention + the scale-invariant score_mod (the paper's route)
   sdpa-rope  RoPE, no transform, torch SDPA cuDNN (the cost floor)
-Memory recipe: activation checkpointing (--ckpt none|selective|full|offload; the --longest probes
-use --probe-ckpt, default offload), chunked cross-entropy, bf16 autocast, fused AdamW. MFU = flops_per_token x tokens/s / peak, flops_per_token =
-6 x non-embedding parameters + 7 x layers x seq_len x heads x head_dim (causal attention, forward
-4 N^2 H D / 2 and backward 2.5x forward). With torchrun and --cp-strategy the sequence is split over
-the GPUs by scaleinv_dist.parallel (ours only). "--longest" probes increasing lengths until a step
-fails (out of memory) or would exceed --max-step-seconds.
-Prints a table; appends it with date, card and command to benchmarks/RESULTS.md.
+each with the blocks compiled or not (--compile on|off|on,off; scaleinv_dist.model.compile_model,
+Inductor) and each activation-checkpointing mode --ckpt names for that length. Memory recipe:
+activation checkpointing (--ckpt none|selective|full|offload; the --longest probes use
+--probe-ckpt, default offload), the fused chunked linear cross-entropy, bf16 autocast, fused AdamW.
+MFU = flops_per_token x tokens/s / peak, flops_per_token = 6 x non-embedding parameters
++ 7 x layers x seq_len x heads x head_dim (causal attention, forward 4 N^2 H D / 2 and backward
+2.5x forward). With torchrun and --cp-strategy the sequence is split over the GPUs by
+scaleinv_dist.parallel (ours only). "--longest" probes increasing lengths until a step fails (out of
+memory) or would exceed --max-step-seconds.
+
+The split: after the timed steps one more step runs under torch.profiler with the attention call
+wrapped in ranges (its forward directly; its backward between two identity autograd markers), so
+attention forward + backward vs the rest comes out of the profile whatever the kernels are called.
+The top kernels by self time of each profiled step go to --out/top_kernels_<impl>_<len>_<ckpt>_<compiled|eager>.txt.
+Prints the tables; appends them with date, card and command to benchmarks/RESULTS.md (--results).
 """
 from __future__ import annotations
 
@@ -32,64 +44,218 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scaleinv_dist.config import load_config  # noqa: E402
-from scaleinv_dist.model import build_model  # noqa: E402
+from scaleinv_dist.model import build_model, compile_model  # noqa: E402
 
-def peak_tflops() -> float:
+CKPT_MODES = ("none", "selective", "full", "offload")
+SMOKE_OVERRIDES = ["model.n_layer=2", "model.d_model=64", "model.n_head=4", "model.n_kv_head=2"]
+
+
+def peak_tflops(device: torch.device) -> float:
     """Dense bf16 peak of this GPU in TFLOP/s (the training loop's table), NaN when unknown."""
     from scaleinv_dist.train.metrics import peak_flops
 
-    peak = peak_flops(torch.device("cuda"), bf16=True)
+    peak = peak_flops(device, bf16=True) if device.type == "cuda" else None
     return float("nan") if peak is None else peak / 1e12
 
 
 def sdpa_cudnn_attend(q, k, v, q_pos, k_pos, q_seg, k_seg):
+    """RoPE baseline's attention: torch SDPA, cuDNN (else flash) on CUDA; the math kernel on CPU."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    gqa = k.shape[1] != q.shape[1]
+    if not q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
 
 
-def build(cfg, impl: str, vocab: int, ckpt: str):
+def parse_ckpt(spec: str, lengths: list[int]) -> dict[int, list[str]]:
+    """'selective' | 'none,selective' | '4096:none,65536:full' -> {length: [modes]}.
+
+    An entry without a length applies to every length that has no entry of its own."""
+    per, every = {}, []
+    for entry in (e.strip() for e in spec.split(",") if e.strip()):
+        length, _, mode = entry.rpartition(":")
+        if mode not in CKPT_MODES or (length and not length.isdigit()):
+            usage_error(f"--ckpt entry {entry!r} must be MODE or LENGTH:MODE with MODE one of "
+                        f"{', '.join(CKPT_MODES)} (e.g. --ckpt 16384:selective,65536:full)")
+        if length:
+            per.setdefault(int(length), []).append(mode)
+        else:
+            every.append(mode)
+    return {n: per.get(n, every) or ["selective"] for n in lengths}
+
+
+def usage_error(message: str) -> None:
+    """A user mistake: one line on stderr, exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def build(cfg, impl: str, vocab: int, ckpt: str, compiled: bool, device: torch.device):
     overrides = {"ours": {}, "flex-si": {"backend": "flex"}, "sdpa-rope": {"position": "rope", "transform": "none"}}
     for k, v in overrides[impl].items():
         setattr(cfg.attention, k, v)
     cfg.train.activation_checkpointing = ckpt
-    model = build_model(cfg, vocab_size=vocab).cuda()
+    model = build_model(cfg, vocab_size=vocab).to(device)
     if impl == "sdpa-rope":
         model.attend = sdpa_cudnn_attend
+    if compiled:  # Inductor on CUDA; on CPU (smoke runs) AOTAutograd without code generation
+        torch._dynamo.reset()  # a fresh cache per model: no recompile limit across rows
+        compile_model(model, "inductor" if device.type == "cuda" else "aot_eager")
     return model
 
 
-def step_time(model, opt, batch: int, seq_len: int, vocab: int, repeats: int,
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_batch(batch: int, seq_len: int, vocab: int, device: torch.device, cp=None):
+    gen = torch.Generator(device=device).manual_seed(0)
+    tokens = torch.randint(0, vocab, (batch, seq_len), device=device, generator=gen)
+    positions = torch.arange(seq_len, device=device)[None].expand(batch, -1)
+    labels = torch.roll(tokens, -1, 1)
+    if cp is not None:
+        tokens, labels, positions = cp(tokens, labels, positions)
+    return tokens, positions, labels
+
+
+def train_step(model, opt, tokens, positions, labels) -> None:
+    with torch.autocast(tokens.device.type, dtype=torch.bfloat16):
+        loss_sum, n = model(tokens, positions, labels=labels)
+    (loss_sum / n).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def step_time(model, opt, batch: int, seq_len: int, vocab: int, repeats: int, device: torch.device,
               cp=None) -> tuple[float, float]:
-    """(median seconds per training step, peak GiB) for batch sequences of seq_len tokens.
+    """(median seconds per training step, peak GiB (NaN on CPU)) for batch sequences of seq_len.
 
     The first step (compilation, autotuning) is not timed unless repeats is 0: then the one step
     taken is the figure (the longest-sequence probe, where a step can take minutes).
     """
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    tokens = torch.randint(0, vocab, (batch, seq_len), device="cuda", generator=gen)
-    positions = torch.arange(seq_len, device="cuda")[None].expand(batch, -1)
-    labels = torch.roll(tokens, -1, 1)
-    if cp is not None:
-        tokens, labels, positions = cp(tokens, labels, positions)
+    tokens, positions, labels = make_batch(batch, seq_len, vocab, device, cp)
     times = []
-    torch.cuda.reset_peak_memory_stats()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     for i in range(repeats + 1):
-        torch.cuda.synchronize()
+        sync(device)
         t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss_sum, n = model(tokens, positions, labels=labels)
-        (loss_sum / n).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        train_step(model, opt, tokens, positions, labels)
+        sync(device)
         if i or not repeats:  # the first step compiles / autotunes
             times.append(time.perf_counter() - t0)
         if not repeats:
             break
     times.sort()
-    return times[len(times) // 2], torch.cuda.max_memory_allocated() / 2**30
+    mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return times[len(times) // 2], mem
+
+
+# ----------------------------------------------------------------------------- profile split
+class _AttnBackwardStart(torch.autograd.Function):
+    """Identity on the attention output; its backward opens the "attention backward" range."""
+
+    @staticmethod
+    def forward(ctx, out, state):
+        ctx.state = state
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.state["handle"] = torch.ops.profiler._record_function_enter_new("attention_backward", None)
+        return grad, None
+
+
+class _AttnBackwardEnd(torch.autograd.Function):
+    """Identity on q, k, v; its backward (after all of dq, dk, dv) closes the range."""
+
+    @staticmethod
+    def forward(ctx, state, q, k, v):
+        ctx.state = state
+        return q.view_as(q), k.view_as(k), v.view_as(v)
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        handle = ctx.state.pop("handle", None)
+        if handle is not None:
+            torch.ops.profiler._record_function_exit(handle)
+        return None, dq, dk, dv
+
+
+def marked_attend(attend, state: dict):
+    """attend wrapped in profiler ranges "attention_forward" / "attention_backward" while
+    state["on"]: the split needs no kernel names (ours, cuDNN, FlexAttention, the CP ring alike).
+    Autograd runs the attention's backward nodes between the two markers' backward calls (nothing
+    else in the block is ready then), and a checkpoint's recompute of the attention counts as
+    attention forward."""
+    def attend_marked(q, k, v, *rest):
+        if not state["on"]:
+            return attend(q, k, v, *rest)
+        q, k, v = _AttnBackwardEnd.apply(state, q, k, v)
+        with torch.profiler.record_function("attention_forward"):
+            out = attend(q, k, v, *rest)
+        return _AttnBackwardStart.apply(out, state)
+    return attend_marked
+
+
+RANGES = ("attention_forward", "attention_backward", "train_step")
+
+
+def split_times(events, device: torch.device) -> tuple[float, float, float]:
+    """(attention forward, attention backward, all work) in microseconds from profiler events.
+
+    CUDA: kernel time; a range's kernels are those launched inside it on its thread (the backward
+    runs on autograd's device thread, where its range is opened too); all work = every kernel,
+    memcpy and memset once (not the GPU-side copies of the ranges). CPU: CPU time of the ranges."""
+    from torch.autograd import DeviceType
+
+    cpu = [e for e in events if e.device_type == DeviceType.CPU]
+    if device.type == "cuda":
+        def span(name):
+            return sum(e.device_time_total for e in cpu if e.name == name)
+        busy = sum(e.time_range.elapsed_us() for e in events
+                   if e.device_type != DeviceType.CPU and e.name not in RANGES
+                   and not getattr(e, "is_user_annotation", False))
+    else:
+        def span(name):
+            return sum(e.cpu_time_total for e in cpu if e.name == name)
+        busy = span("train_step")
+    return span("attention_forward"), span("attention_backward"), busy
+
+
+def profile_step(model, opt, batch: int, seq_len: int, vocab: int, device: torch.device, state: dict,
+                 top_file: Path | None, cp=None) -> dict:
+    """One profiled training step (after the timed ones): milliseconds of attention forward and
+    backward (inside the marker ranges) and of everything else. On CUDA these are GPU kernel times
+    (`busy_ms` in all, `idle_ms` the step's wall time with no kernel running); on CPU, CPU time.
+    Writes the top kernels (ops on CPU) by self time to top_file."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tokens, positions, labels = make_batch(batch, seq_len, vocab, device, cp)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    state["on"] = True
+    try:
+        sync(device)
+        with profile(activities=acts) as prof:
+            t0 = time.perf_counter()
+            with torch.profiler.record_function("train_step"):
+                train_step(model, opt, tokens, positions, labels)
+            sync(device)
+            wall = time.perf_counter() - t0
+    finally:
+        state["on"] = False
+        state.pop("handle", None)
+    fwd, bwd, busy = split_times(prof.events(), device)
+    if top_file is not None:
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        top_file.parent.mkdir(parents=True, exist_ok=True)
+        top_file.write_text(prof.key_averages().table(sort_by=sort, row_limit=40,
+                                                      max_name_column_width=100) + "\n")
+    return dict(prof_wall_ms=wall * 1e3, busy_ms=busy / 1e3, attn_fwd_ms=fwd / 1e3, attn_bwd_ms=bwd / 1e3,
+                rest_ms=(busy - fwd - bwd) / 1e3, idle_ms=max(0.0, wall * 1e3 - busy / 1e3))
 
 
 def cp_setup(strategy: str, ulysses_degree: int):
@@ -115,8 +281,15 @@ def main() -> None:
     ap.add_argument("--lengths", default="4096,16384,65536")
     ap.add_argument("--impls", default="ours,flex-si,sdpa-rope")
     ap.add_argument("--vocab", type=int, default=50304)
-    ap.add_argument("--ckpt", default="selective", choices=["none", "full", "selective", "offload"])
-    ap.add_argument("--probe-ckpt", default="offload", choices=["none", "full", "selective", "offload"],
+    ap.add_argument("--ckpt", default="selective",
+                    help="activation checkpointing: a mode (none|selective|full|offload), several "
+                         "(none,selective: each is run), or per length (4096:none,65536:full)")
+    ap.add_argument("--compile", default="on", help="on | off | on,off (each is run): torch.compile the blocks")
+    ap.add_argument("--no-profile", action="store_true",
+                    help="skip the profiled step (the attention / rest split and the top kernels)")
+    ap.add_argument("--out", default="", help="folder for the top-kernel tables and a copy of the report "
+                                              "(default $OUT when set)")
+    ap.add_argument("--probe-ckpt", default="offload", choices=CKPT_MODES,
                     help="activation checkpointing of the --longest probes")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tokens-per-step", type=int, default=65536,
@@ -128,44 +301,75 @@ def main() -> None:
     ap.add_argument("--probe-repeats", type=int, default=0,
                     help="timed steps per --longest length after an untimed first; 0: time the one step")
     ap.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")))
+    ap.add_argument("--smoke", action="store_true",
+                    help="a check that the script runs, in seconds, on CPU or GPU: a 2-layer model of "
+                         "configs/tiny.yaml at 64 (selective) and 128 (full) tokens, ours and sdpa-rope, "
+                         "compile off and on; results go to --out (never to benchmarks/RESULTS.md)")
     args = ap.parse_args()
+    overrides = []
+    if args.smoke:
+        overrides = SMOKE_OVERRIDES
+        args.config = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+        args.lengths, args.impls, args.vocab = "64,128", "ours,sdpa-rope", 256
+        args.tokens_per_step, args.repeats, args.compile, args.longest = 256, 1, "off,on", ""
+        args.ckpt = "64:selective,128:full"
+        args.out = args.out or os.environ.get("OUT") or "runs/train_throughput_smoke"
+        args.results = str(Path(args.out, "RESULTS.md"))
+    out = Path(args.out or os.environ.get("OUT") or "") if (args.out or os.environ.get("OUT")) else None
+    compiles = []
+    for c in args.compile.split(","):
+        if c not in ("on", "off"):
+            usage_error(f"--compile takes on, off or on,off; got {args.compile!r}")
+        compiles.append(c == "on")
+    lengths = [int(x) for x in args.lengths.split(",") if x]
+    ckpts = parse_ckpt(args.ckpt, lengths)
 
     cp, rank, world = None, 0, 1
     if args.cp_strategy:
         pcfg, topo, cp = cp_setup(args.cp_strategy, args.ulysses_degree)
         rank, world = topo.rank, topo.world_size
-    peak = peak_tflops()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    peak = peak_tflops(device)
     rows = []
 
-    def measure(impl: str, seq_len: int, ckpt: str, repeats: int) -> dict:
-        cfg = load_config(args.config, [f"train.seq_len={seq_len}"])
-        model = build(cfg, impl, args.vocab, ckpt)
+    def measure(impl: str, seq_len: int, ckpt: str, compiled: bool, repeats: int, profile: bool) -> dict:
+        cfg = load_config(args.config, [*overrides, f"train.seq_len={seq_len}"])
+        model = build(cfg, impl, args.vocab, ckpt, compiled, device)
         if cp is not None:
             from scaleinv_dist.parallel.context_parallel import apply_cp
 
             apply_cp(model, topo, pcfg)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        state = {"on": False}
+        model.attend = marked_attend(model.attend, state)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        row = dict(impl=impl, seq_len=seq_len, gpus=world, ckpt=ckpt, compile=compiled)
         try:
             batch = 1 if cp is not None else max(1, args.tokens_per_step // seq_len)
-            sec, mem = step_time(model, opt, batch, seq_len, args.vocab, repeats, cp)
+            sec, mem = step_time(model, opt, batch, seq_len, args.vocab, repeats, device, cp)
             tok_s = batch * seq_len / sec
             mfu = model.flops_per_token(seq_len) * tok_s / world / (peak * 1e12)
-            row = dict(impl=impl, seq_len=seq_len, batch=batch, gpus=world, ckpt=ckpt, step_s=sec, tokens_per_s=tok_s,
-                       mfu=mfu, peak_gib=mem, status="ok")
+            row.update(batch=batch, step_s=sec, tokens_per_s=tok_s, mfu=mfu, peak_gib=mem, status="ok")
+            if profile:
+                name = f"top_kernels_{impl}_{seq_len}_{ckpt}_{'compiled' if compiled else 'eager'}.txt"
+                top = out / name if out is not None and rank == 0 else None
+                row.update(profile_step(model, opt, batch, seq_len, args.vocab, device, state, top, cp))
         except torch.cuda.OutOfMemoryError:
-            row = dict(impl=impl, seq_len=seq_len, gpus=world, ckpt=ckpt, status="OOM")
+            row["status"] = "OOM"
         del model, opt
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         return row
 
     impls = args.impls.split(",") if cp is None else ["ours"]
-    for n in [int(x) for x in args.lengths.split(",") if x]:
-        for impl in impls:
-            rows.append(measure(impl, n, args.ckpt, args.repeats))
-            if rank == 0:
-                print(json.dumps(rows[-1]), flush=True)
+    for n in lengths:
+        for ckpt in ckpts[n]:
+            for compiled in compiles:
+                for impl in impls:
+                    rows.append(measure(impl, n, ckpt, compiled, args.repeats, not args.no_profile))
+                    if rank == 0:
+                        print(json.dumps(rows[-1]), flush=True)
     for n in [int(x) for x in args.longest.split(",") if x]:
-        row = measure("ours", n, args.probe_ckpt, args.probe_repeats)
+        row = measure("ours", n, args.probe_ckpt, compiles[0], args.probe_repeats, False)
         row["probe"] = "longest"
         rows.append(row)
         if rank == 0:
@@ -174,33 +378,57 @@ def main() -> None:
             break
 
     if rank == 0:
-        report(rows, args, peak)
+        report(rows, args, peak, device, out)
 
 
-def report(rows, args, peak) -> None:
-    by = {(r["impl"], r["seq_len"]): r for r in rows if r["status"] == "ok" and "probe" not in r}
-    lines = ["| impl | seq_len | batch | GPUs | ckpt | step s | tokens/s | MFU | peak GiB | vs sdpa-rope |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+def report(rows, args, peak, device: torch.device, out: Path | None) -> None:
+    def key(r):
+        return r["seq_len"], r["ckpt"], r["compile"]
+
+    base = {key(r): r for r in rows if r["impl"] == "sdpa-rope" and r["status"] == "ok" and "probe" not in r}
+    lines = ["| impl | seq_len | batch | GPUs | ckpt | compile | step s | tokens/s | MFU | peak GiB | vs sdpa-rope |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        comp = "on" if r["compile"] else "off"
         if r["status"] != "ok":
-            lines.append(f"| {r['impl']} | {r['seq_len']} | | {r['gpus']} | {r['ckpt']} | {r['status']} | | | | |")
+            lines.append(f"| {r['impl']} | {r['seq_len']} | | {r['gpus']} | {r['ckpt']} | {comp} | "
+                         f"{r['status']} | | | | |")
             continue
-        base = by.get(("sdpa-rope", r["seq_len"]))
-        ratio = f"{r['step_s'] / base['step_s']:.2f}x" if base else ""
+        b = base.get(key(r))
+        ratio = f"{r['step_s'] / b['step_s']:.2f}x" if b and "probe" not in r else ""
         lines.append(f"| {r['impl']}{' (longest probe)' if 'probe' in r else ''} | {r['seq_len']} | {r['batch']} | "
-                     f"{r['gpus']} | {r['ckpt']} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% | "
-                     f"{r['peak_gib']:.1f} | {ratio} |")
+                     f"{r['gpus']} | {r['ckpt']} | {comp} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | "
+                     f"{100 * r['mfu']:.1f}% | {r['peak_gib']:.1f} | {ratio} |")
     table = "\n".join(lines)
+    prof = [r for r in rows if r["status"] == "ok" and "busy_ms" in r]
+    if prof:
+        unit = "GPU kernel time" if device.type == "cuda" else "CPU time"
+        split = [f"\nStep split from one profiled step ({unit}, ms; attention = forward + backward "
+                 f"of the attention call, checkpoint recomputes included; idle = wall - kernels):\n",
+                 "| impl | seq_len | ckpt | compile | wall | kernels | attn fwd | attn bwd | rest | "
+                 "attn share | idle |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in prof:
+            share = (r["attn_fwd_ms"] + r["attn_bwd_ms"]) / r["busy_ms"] if r["busy_ms"] > 0 else float("nan")
+            split.append(f"| {r['impl']} | {r['seq_len']} | {r['ckpt']} | {'on' if r['compile'] else 'off'} | "
+                         f"{r['prof_wall_ms']:.1f} | {r['busy_ms']:.1f} | {r['attn_fwd_ms']:.1f} | "
+                         f"{r['attn_bwd_ms']:.1f} | {r['rest_ms']:.1f} | {100 * share:.0f}% | {r['idle_ms']:.1f} |")
+        table += "\n" + "\n".join(split)
     print(table)
-    import triton
+    if device.type == "cuda":
+        import triton
 
-    header = (f"\n## train_throughput — {dt.date.today()} — {torch.cuda.get_device_name()} x{rows[0]['gpus']}\n"
-              f"torch {torch.__version__}, triton {triton.__version__}, peak {peak} TFLOP/s; "
-              f"command: `{' '.join(sys.argv)}`\n\n")
+        card, versions = torch.cuda.get_device_name(), f"torch {torch.__version__}, triton {triton.__version__}"
+    else:
+        card, versions = "CPU", f"torch {torch.__version__}"
+    header = (f"\n## train_throughput — {dt.date.today()} — {card} x{rows[0]['gpus']}\n"
+              f"{versions}, peak {peak} TFLOP/s; command: `{' '.join(sys.argv)}`\n\n")
+    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     with open(args.results, "a") as f:
         f.write(header + table + "\n")
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "train_throughput.md").write_text(header + table + "\n")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_throughput.md").write_text(header + table + "\n")
+        (out / "train_throughput.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ untied output head. Every token carries its absolute position and document id: t
 `positions` (B, N) and `doc_ids` (B, N) with the tokens, and the attention reads them through an
 injected `attend(q, k, v, q_pos, k_pos, q_seg, k_seg)` callable, which sequence parallelism swaps
 for a distributed one (scaleinv_dist.parallel.apply_cp). Nothing here imports torch.distributed.
+Each block is two halves around that call, which `compile_model` compiles (train.compile, CUDA);
+the attention itself always runs eagerly, whatever it is.
 
 Positional schemes (AttentionConfig.position): rope, p_rope (RoPE on a fraction of the channel
 pairs, frequencies 1 .. 1/p_rope_base; the rest carry no position), nope, alibi.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from typing import Callable
 
 import torch
@@ -89,7 +92,9 @@ class Attention(nn.Module):
         if self.logn:  # s * log(N): s learned per head, initialised so that s log(L_train) = 1
             self.logn_scale = nn.Parameter(torch.full((self.n_head,), 1.0 / math.log(train_seq_len)))
 
-    def forward(self, x, rotary, positions, doc_ids, attend: Attend):
+    def heads(self, x, rotary, positions):
+        """q (B, Hq, N, D), k, v (B, Hkv, N, D) from the normalised block input x (B, N, d_model):
+        QK-norm, rotary, LogN scaling, and autocast's dtype for all three."""
         b, n, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], -1
@@ -102,8 +107,11 @@ class Attention(nn.Module):
         if self.logn:
             n_visible = torch.log1p(positions.to(q.dtype))[:, None, :, None]  # log(q_pos + 1)
             q = q * (self.logn_scale.to(q.dtype)[None, :, None, None] * n_visible)
-        q, k, v = autocast_dtype(q, k, v)
-        y = attend(q, k, v, positions, positions, doc_ids, doc_ids)
+        return autocast_dtype(q, k, v)
+
+    def out(self, y):
+        """The output projection of the attention result y (B, Hq, N, D) -> (B, N, d_model)."""
+        b, _, n, _ = y.shape
         return self.proj(y.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -129,17 +137,35 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """x + attention(norm(x)), then x + MLP(norm(x)).
+
+    The attention call sits between two halves, `pre` (norm, QKV, QK-norm, rotary) and `post`
+    (output projection, residual, MLP, residual), which `compile_model` compiles; the attention
+    itself runs eagerly in between, so whatever `attend` is (fused kernel, FlexAttention, the
+    context-parallel ring) is never traced.
+    """
+
     def __init__(self, cfg: ModelConfig, attn: AttentionConfig, train_seq_len: int):
         super().__init__()
         self.attn = Attention(cfg, attn, train_seq_len)
         self.mlp = MLP(cfg)
         self.checkpoint_mlp = False  # "selective" activation checkpointing
 
-    def forward(self, x, rotary, positions, doc_ids, attend):
-        x = x + self.attn(rms_norm(x), rotary, positions, doc_ids, attend)
+    def pre(self, x, rotary, positions):
+        return self.attn.heads(rms_norm(x), rotary, positions)
+
+    def post(self, x, y):
+        x = x + self.attn.out(y)
         if self.checkpoint_mlp and torch.is_grad_enabled():
-            return x + checkpoint(lambda h: self.mlp(rms_norm(h)), x, use_reentrant=False)
-        return x + self.mlp(rms_norm(x))
+            return x + checkpoint(self._mlp, x, use_reentrant=False)
+        return x + self._mlp(x)
+
+    def _mlp(self, x):
+        return self.mlp(rms_norm(x))
+
+    def forward(self, x, rotary, positions, doc_ids, attend):
+        q, k, v = self.pre(x, rotary, positions)
+        return self.post(x, attend(q, k, v, positions, positions, doc_ids, doc_ids))
 
 
 class GPT(nn.Module):
@@ -150,6 +176,7 @@ class GPT(nn.Module):
             raise ValueError("model.vocab_size must be set (0 means: take it from the tokenizer)")
         self.cfg, self.attn_cfg = cfg, attn
         self.loss_chunk_tokens = loss_chunk_tokens
+        self.loss_compile_backend: str | None = None  # set by compile_model
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, attn, train_seq_len) for _ in range(cfg.n_layer))
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -195,7 +222,11 @@ class GPT(nn.Module):
         if tokens.shape != positions.shape:
             raise ValueError(f"positions {tuple(positions.shape)} must match tokens {tuple(tokens.shape)}")
         x = rms_norm(self.wte(tokens))
-        rotary = None if self.inv_freq is None else rotary_tables(positions, self.inv_freq, x.dtype)
+        rotary = None
+        if self.inv_freq is not None:
+            if self.inv_freq.device != positions.device:  # once, not a blocking host copy per step
+                self.inv_freq = self.inv_freq.to(positions.device)
+            rotary = rotary_tables(positions, self.inv_freq, x.dtype)
         for block in self.blocks:
             if self.checkpoint_blocks and torch.is_grad_enabled():
                 # offload: the reentrant form keeps its inputs through save_for_backward, which the
@@ -214,7 +245,8 @@ class GPT(nn.Module):
         h = self.hidden_states(tokens, positions, doc_ids)
         if labels is None:
             return self.lm_head(h)
-        return chunked_cross_entropy(h, self.lm_head.weight, labels, self.loss_chunk_tokens)
+        return chunked_cross_entropy(h, self.lm_head.weight, labels, self.loss_chunk_tokens,
+                                     self.loss_compile_backend)
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -231,11 +263,36 @@ class GPT(nn.Module):
         return 6.0 * self.num_params(non_embedding=True) + attn
 
 
-def build_model(cfg, vocab_size: int | None = None) -> GPT:
-    """A GPT from a full Config; vocab_size fills model.vocab_size when that is 0."""
+def compile_model(model: GPT, backend: str = "inductor") -> GPT:
+    """torch.compile each block's two halves around its attention call, and the loss's per-chunk
+    softmax / gradient arithmetic (in place; parameter names and the state dict are unchanged).
+    The attention runs eagerly between the compiled halves, so `model.attend` stays swappable
+    (apply_cp) before or after this call, and activation checkpointing (applied around or inside
+    the halves) keeps working. Returns the model."""
+    for block in model.blocks:
+        block.pre = torch.compile(block.pre, backend=backend)
+        block.post = torch.compile(block.post, backend=backend)
+    model.loss_compile_backend = backend
+    return model
+
+
+def compile_wanted(cfg, device) -> bool:
+    """train.compile on CUDA: never on CPU (compile time dominates a small CPU run), under
+    TRITON_INTERPRET (kernels interpreted on the CPU) or with ZeRO-3 (its parameter gathering hooks
+    into every submodule call, which compiled code would trace)."""
+    return (cfg.train.compile and torch.device(device).type == "cuda" and cfg.train.zero_stage < 3
+            and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
+
+
+def build_model(cfg, vocab_size: int | None = None, device=None) -> GPT:
+    """A GPT from a full Config; vocab_size fills model.vocab_size when that is 0. With the device
+    it will train on, the blocks are compiled when compile_wanted (compilation itself happens at the
+    first forward)."""
     mcfg = cfg.model
     if vocab_size is not None and mcfg.vocab_size == 0:
         mcfg = type(mcfg)(**{**mcfg.__dict__, "vocab_size": vocab_size})
     model = GPT(mcfg, cfg.attention, cfg.train.seq_len, cfg.train.loss_chunk_tokens)
     model.set_activation_checkpointing(cfg.train.activation_checkpointing)
+    if device is not None and compile_wanted(cfg, device):
+        compile_model(model)
     return model

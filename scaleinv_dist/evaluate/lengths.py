@@ -15,9 +15,8 @@ import math
 from typing import Callable, Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from ..loss import IGNORE_INDEX
+from ..loss import token_cross_entropy
 from .common import autocast
 
 Batch = object  # scaleinv_dist.data.Batch: tokens, labels, positions, doc_ids, each (B, L) int64
@@ -46,25 +45,19 @@ def bucket_index(positions: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- per-token loss
 def token_losses(model, tokens: torch.Tensor, positions: torch.Tensor, doc_ids: torch.Tensor | None,
                  labels: torch.Tensor, chunk_tokens: int | None = None) -> torch.Tensor:
-    """Cross-entropy of every token, (B, N) float32, 0 where labels == IGNORE_INDEX.
+    """Cross-entropy of every token, (B, N) float32, 0 where labels == -100.
 
     Computes logits chunk by chunk from the final hidden states (never the full N x V logits).
     """
     h = model.hidden_states(tokens, positions, doc_ids)
-    weight = model.lm_head.weight
-    flat_h, flat_y = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
-    step = max(1, int(chunk_tokens or getattr(model, "loss_chunk_tokens", 8192)))
-    out = torch.empty(flat_y.shape, dtype=torch.float32, device=h.device)
-    for s in range(0, flat_h.shape[0], step):
-        logits = (flat_h[s:s + step] @ weight.t()).float()
-        out[s:s + step] = F.cross_entropy(logits, flat_y[s:s + step], ignore_index=IGNORE_INDEX, reduction="none")
-    return out.view(labels.shape)
+    chunk = chunk_tokens or getattr(model, "loss_chunk_tokens", 8192)
+    return token_cross_entropy(h, model.lm_head.weight, labels, chunk)
 
 
 def bucket_sums(losses: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor,
                 nb: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-bucket (loss sum float64 (nb,), token count float64 (nb,)) over scored tokens."""
-    mask = labels != IGNORE_INDEX
+    mask = labels != -100
     idx = bucket_index(positions)[mask].clamp_max(nb - 1)
     sums = torch.zeros(nb, dtype=torch.float64, device=losses.device)
     counts = torch.zeros(nb, dtype=torch.float64, device=losses.device)
@@ -97,7 +90,7 @@ def evaluate_length(model, windows: Iterable, length: int, device, *,
         if i % dp_size != dp_rank:  # data parallel: batches round-robin over replicas
             continue
         labels = batch.labels
-        n_windows += int((labels != IGNORE_INDEX).any(dim=1).sum())
+        n_windows += int((labels != -100).any(dim=1).sum())
         if shard is not None:  # context parallelism: this rank's tokens of each window
             batch = shard(batch)
         tokens, positions, labels = (t.to(device) for t in (batch.tokens, batch.positions, batch.labels))

@@ -142,7 +142,7 @@ class Trainer:
     def build_model(self, resolved) -> torch.nn.Module:
         """The model, built once here on every rank (same seed: same weights), then made context-
         parallel. Anything that wraps the model before DeepSpeed sees it belongs here."""
-        model = build_model(resolved)
+        model = build_model(resolved, device=self.env.device)  # compiled blocks on CUDA (train.compile)
         self.n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
         self.flops_per_token = model.flops_per_token(self.cfg.train.seq_len)
         if self.topology is not None:

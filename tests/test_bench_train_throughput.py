@@ -1,0 +1,42 @@
+"""benchmarks/train_throughput.py --smoke runs end to end on CPU (both attention implementations,
+compile off and on, per-length checkpointing, the profiled split) and writes its tables and the
+top-kernel files. No timing is asserted."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_train_throughput_smoke(tmp_path, train_env):
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--smoke",
+                        "--out", str(out)], env=train_env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    rows = [json.loads(line) for line in (out / "train_throughput.jsonl").read_text().splitlines()]
+    seen = {(r["impl"], r["seq_len"], r["ckpt"], r["compile"]) for r in rows}
+    assert seen == {(i, n, c, comp) for i in ("ours", "sdpa-rope") for n, c in ((64, "selective"), (128, "full"))
+                    for comp in (False, True)}
+    for row in rows:
+        assert row["status"] == "ok" and row["step_s"] > 0, row
+        assert row["attn_fwd_ms"] > 0 and row["attn_bwd_ms"] > 0 and row["rest_ms"] > 0, row
+        assert row["attn_fwd_ms"] + row["attn_bwd_ms"] < row["busy_ms"], row
+        mode = "compiled" if row["compile"] else "eager"
+        name = f"top_kernels_{row['impl']}_{row['seq_len']}_{row['ckpt']}_{mode}.txt"
+        assert "Self CPU" in (out / name).read_text()
+    report = (out / "RESULTS.md").read_text()
+    assert "## train_throughput" in report and "attn bwd" in report and "--smoke" in report
+
+
+@pytest.mark.parametrize("args, words", [(["--ckpt", "4096:bogus"], "--ckpt entry"),
+                                         (["--compile", "maybe"], "--compile takes")])
+def test_bad_options_are_one_line_errors(train_env, args, words):
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--lengths", "4096", *args],
+                       env=train_env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
