@@ -69,14 +69,14 @@ def test_relative_links_resolve(page):
 
 
 def _repository_files() -> list[Path]:
-    """Tracked and untracked-but-not-ignored files (a git checkout), else every file under ROOT."""
+    """The tracked files (a git checkout), else every file under ROOT but build outputs."""
     try:
-        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                             cwd=ROOT, capture_output=True, check=True).stdout
+        out = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
         return [ROOT / p for p in out.decode().split("\0") if p]
     except (OSError, subprocess.CalledProcessError):
-        skip = {".git", "runs", ".cache", "__pycache__", "wandb"}
-        return [p for p in ROOT.rglob("*") if p.is_file() and not skip & set(p.relative_to(ROOT).parts)]
+        skip = {".git", ".venv", "venv", "runs", ".cache", "__pycache__", "wandb", "build"}
+        return [p for p in ROOT.rglob("*") if p.is_file() and not skip & set(p.relative_to(ROOT).parts)
+                and not any(part.endswith(".egg-info") for part in p.parts)]
 
 
 def test_no_file_points_outside_the_repository():

@@ -105,3 +105,87 @@ def test_wheel_installs_kernels_under_scaleinv_dist_only(tmp_path):
     got = _python("import json, scaleinv_dist.kernels.flash_si as f; print(json.dumps({'file': f.__file__}))",
                   tmp_path, str(site))
     assert Path(got["file"]).resolve() == (site / "scaleinv_dist" / "kernels" / "flash_si.py").resolve()
+
+
+# ---- constraints.txt and scripts/install.sh ---------------------------------------------------
+
+MUST_PIN = ["torch", "deepspeed", "triton", "megatron-core", "transformers", "kernels", "datasets",
+            "sentencepiece", "wandb", "numpy", "huggingface-hub", "safetensors", "pyarrow", "tokenizers"]
+
+
+def _pins() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, sep, version = line.partition("==")
+            assert sep and version and " " not in line, f"constraints.txt: not name==version: {line!r}"
+            pins[name.lower().replace("_", "-")] = version
+    return pins
+
+
+def test_constraints_pin_every_dependency():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    pins = _pins()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = project["dependencies"] + project["optional-dependencies"]["test"]
+    names = {d.split(";")[0].split("[")[0].split("=")[0].split(">")[0].split("<")[0].strip().lower()
+             for d in declared}
+    missing = sorted((names | set(MUST_PIN)) - set(pins))
+    assert not missing, f"constraints.txt does not pin {missing}: run scripts/refresh_constraints.sh"
+    assert "+" not in pins["torch"], "pin torch without a local label (+cpu) so a CUDA build satisfies it"
+    assert not {"pip", "scaleinv-dist"} & set(pins)
+
+
+def _run_install(tmp_path, torch_installed: bool, gpu: bool, unpinned: bool) -> tuple[list[str], str]:
+    """scripts/install.sh with a stub Python that records its pip calls; returns (calls, the
+    constraints file it passed to the -e install, '' if none)."""
+    log = tmp_path / "calls.log"
+    stub = tmp_path / "bin" / "python"
+    stub.parent.mkdir()
+    stub.write_text(f"""#!/usr/bin/env bash
+echo "$*" >> {log}
+if [ "$1" = -c ]; then [ "$2" = "import torch" ] && exit {0 if torch_installed else 1}; echo stub; exit 0; fi
+prev=; for a in "$@"; do [ "$prev" = -c ] && cp "$a" {tmp_path}/constraints.used; prev=$a; done
+""")
+    stub.chmod(0o755)
+    if gpu:
+        (tmp_path / "bin" / "nvidia-smi").write_text("#!/bin/sh\n")
+        (tmp_path / "bin" / "nvidia-smi").chmod(0o755)
+    path = os.pathsep.join([str(tmp_path / "bin")] + [p for p in os.environ["PATH"].split(os.pathsep)
+                                                      if not (Path(p) / "nvidia-smi").exists()])
+    env = {**os.environ, "PYTHON": str(stub), "PATH": path, "TMPDIR": str(tmp_path)}
+    env.pop("SCALEINV_UNPINNED", None)
+    if unpinned:
+        env["SCALEINV_UNPINNED"] = "1"
+    subprocess.run(["bash", str(ROOT / "scripts" / "install.sh")], env=env, check=True,
+                   capture_output=True, timeout=60)
+    used = tmp_path / "constraints.used"
+    calls = [c for c in log.read_text().splitlines() if c.startswith("-m pip install")]
+    return calls, used.read_text() if used.exists() else ""
+
+
+def _pinned(constraints: str, name: str) -> bool:
+    return any(line.startswith(f"{name}==") for line in constraints.splitlines())
+
+
+def test_install_cpu_machine_pins_everything(tmp_path):
+    calls, used = _run_install(tmp_path, torch_installed=False, gpu=False, unpinned=False)
+    assert calls[0] == f"-m pip install -q torch=={_pins()['torch']}", calls
+    assert any("-e .[test]" in c and " -c " in c for c in calls), calls
+    assert used == (ROOT / "constraints.txt").read_text()
+
+
+@pytest.mark.parametrize("torch_installed,gpu", [(True, False), (True, True), (False, True)])
+def test_install_keeps_torch_build_and_drops_its_pins(tmp_path, torch_installed, gpu):
+    calls, used = _run_install(tmp_path, torch_installed=torch_installed, gpu=gpu, unpinned=False)
+    installs_torch = any(c.endswith(f"torch=={_pins()['torch']}") for c in calls)
+    assert installs_torch == (not torch_installed), calls
+    assert not _pinned(used, "torch") and not _pinned(used, "triton"), used
+    assert _pinned(used, "deepspeed") and _pinned(used, "transformers")
+
+
+def test_install_unpinned_uses_no_constraints(tmp_path):
+    calls, used = _run_install(tmp_path, torch_installed=True, gpu=False, unpinned=True)
+    assert used == "" and not any(" -c " in c for c in calls), calls
+    assert any("-e .[test]" in c for c in calls), calls
