@@ -3,10 +3,10 @@
 #   bash scripts/install.sh                        # the tested versions pinned in constraints.txt
 #   SCALEINV_UNPINNED=1 bash scripts/install.sh    # the newest versions pyproject.toml allows
 # Runs with $PYTHON (default: python3 on PATH, i.e. the active virtual environment's).
-# torch: on a machine without a GPU, the CPU build of the pinned version (torch==2.13.0). On a CUDA
-# machine an installed torch is kept (install the CUDA build you want first), or else the pinned
-# version's CUDA build from PyPI is installed; either way the pins of torch and of the triton it
-# brings are left out, since a CUDA torch build requires its own exact triton.
+# torch: on a machine without a GPU, the CPU build of the pinned version (torch==2.13.0). An
+# installed torch is always kept (on a CUDA machine, install the CUDA build you want first); on a
+# CUDA machine without one, the pinned version's CUDA build comes from PyPI. Unless torch is the
+# pinned CPU build, the torch and triton pins are left out: a CUDA torch requires its own triton.
 # constraints.txt is refreshed with scripts/refresh_constraints.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,22 +24,24 @@ else
   CONSTRAINTS=(-c "$CONSTRAINTS_FILE")
 fi
 
-has_torch() { "$PY" -c "import torch" 2>/dev/null; }
-if has_torch; then
-  KEEP_TORCH="the installed torch $("$PY" -c 'import torch; print(torch.__version__)')"
-elif command -v nvidia-smi >/dev/null 2>&1; then
-  if [ -n "${SCALEINV_UNPINNED:-}" ]; then "${PIP[@]}" torch; else "${PIP[@]}" "$TORCH_PIN"; fi
-  KEEP_TORCH="torch's CUDA build"
-else
-  "${PIP[@]}" "$TORCH_PIN"   # the CPU wheel of the pinned version
-  KEEP_TORCH=
+# "cpu|gpu VERSION FULL_VERSION" of an installed torch, empty if none.
+torch_state() { "$PY" -c "import torch; v = torch.__version__; print('gpu' if torch.version.cuda or torch.version.hip else 'cpu', v.split('+')[0], v)" 2>/dev/null | tail -1 || true; }
+STATE=$(torch_state)
+if [ -z "$STATE" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    if [ -n "${SCALEINV_UNPINNED:-}" ]; then "${PIP[@]}" torch; else "${PIP[@]}" "$TORCH_PIN"; fi
+  else
+    "${PIP[@]}" "$TORCH_PIN"   # the CPU wheel of the pinned version
+  fi
+  STATE=$(torch_state)
 fi
 if [ -z "${SCALEINV_UNPINNED:-}" ]; then
-  if [ -n "$KEEP_TORCH" ]; then
-    echo "install: keeping $KEEP_TORCH; constraints.txt applies to everything but torch and triton"
-    grep -vE '^(torch|triton)==' constraints.txt > "$CONSTRAINTS_FILE"
-  else
+  if [ "${STATE% *}" = "cpu ${TORCH_PIN#torch==}" ]; then
     cp constraints.txt "$CONSTRAINTS_FILE"
+  else
+    # Another torch version, or a CUDA/ROCm build: keep it, with the exact triton it requires.
+    echo "install: keeping torch ${STATE##* }; constraints.txt applies to everything but torch and triton"
+    grep -vE '^(torch|triton)==' constraints.txt > "$CONSTRAINTS_FILE"
   fi
 fi
 

@@ -137,16 +137,25 @@ def test_constraints_pin_every_dependency():
     assert not {"pip", "scaleinv-dist"} & set(pins)
 
 
-def _run_install(tmp_path, torch_installed: bool, gpu: bool, unpinned: bool) -> tuple[list[str], str]:
-    """scripts/install.sh with a stub Python that records its pip calls; returns (calls, the
-    constraints file it passed to the -e install, '' if none)."""
-    log = tmp_path / "calls.log"
+def _run_install(tmp_path, torch: str, gpu: bool, unpinned: bool) -> tuple[list[str], str]:
+    """scripts/install.sh with a stub Python whose torch is `torch` ('cpu 2.13.0', 'gpu 2.9.0', or
+    '' for none; installing torch gives the pin, a CUDA build if nvidia-smi is on PATH) and that
+    records its pip calls. Returns
+    (the pip calls, the constraints file passed to pip, '' if none)."""
+    log, state = tmp_path / "calls.log", tmp_path / "torch_state"
+    state.write_text(f"{torch} {torch.split()[-1]}+x\n" if torch else "")
     stub = tmp_path / "bin" / "python"
     stub.parent.mkdir()
     stub.write_text(f"""#!/usr/bin/env bash
 echo "$*" >> {log}
-if [ "$1" = -c ]; then [ "$2" = "import torch" ] && exit {0 if torch_installed else 1}; echo stub; exit 0; fi
+if [ "$1" = -c ]; then
+  case "$2" in *"import torch"*) [ -s {state} ] || exit 1; cat {state}; exit 0;; esac
+  exit 0
+fi
 prev=; for a in "$@"; do [ "$prev" = -c ] && cp "$a" {tmp_path}/constraints.used; prev=$a; done
+kind=cpu; command -v nvidia-smi >/dev/null && kind=gpu  # PyPI's Linux torch is a CUDA build
+all="$*"; case "$all" in *" torch=="*) v="${{all##*torch==}}"; echo "$kind $v $v+$kind" > {state};; esac
+exit 0
 """)
     stub.chmod(0o755)
     if gpu:
@@ -169,23 +178,29 @@ def _pinned(constraints: str, name: str) -> bool:
     return any(line.startswith(f"{name}==") for line in constraints.splitlines())
 
 
-def test_install_cpu_machine_pins_everything(tmp_path):
-    calls, used = _run_install(tmp_path, torch_installed=False, gpu=False, unpinned=False)
-    assert calls[0] == f"-m pip install -q torch=={_pins()['torch']}", calls
-    assert any("-e .[test]" in c and " -c " in c for c in calls), calls
+PIN = _pins()["torch"]
+
+
+@pytest.mark.parametrize("torch", ["", f"cpu {PIN}"], ids=["fresh", "rerun"])
+def test_install_cpu_machine_pins_everything(tmp_path, torch):
+    calls, used = _run_install(tmp_path, torch=torch, gpu=False, unpinned=False)
+    assert (calls[0] == f"-m pip install -q torch=={PIN}") == (not torch), calls
+    assert sum(f"torch=={PIN}" in c for c in calls) == (0 if torch else 1), calls
+    assert any(c.endswith("-e .[test]") and " -c " in c for c in calls), calls
     assert used == (ROOT / "constraints.txt").read_text()
 
 
-@pytest.mark.parametrize("torch_installed,gpu", [(True, False), (True, True), (False, True)])
-def test_install_keeps_torch_build_and_drops_its_pins(tmp_path, torch_installed, gpu):
-    calls, used = _run_install(tmp_path, torch_installed=torch_installed, gpu=gpu, unpinned=False)
-    installs_torch = any(c.endswith(f"torch=={_pins()['torch']}") for c in calls)
-    assert installs_torch == (not torch_installed), calls
+@pytest.mark.parametrize("torch,gpu", [("cpu 2.9.0", False), (f"gpu {PIN}", True), ("", True)],
+                         ids=["other-cpu-torch", "cuda-torch", "cuda-machine-no-torch"])
+def test_install_keeps_another_torch_and_drops_its_pins(tmp_path, torch, gpu):
+    calls, used = _run_install(tmp_path, torch=torch, gpu=gpu, unpinned=False)
+    assert any(c.endswith(f"torch=={PIN}") for c in calls) == (not torch), calls
+    assert any(c.endswith("-e .[test]") and " -c " in c for c in calls), calls
+    assert _pinned(used, "deepspeed") and _pinned(used, "transformers"), used
     assert not _pinned(used, "torch") and not _pinned(used, "triton"), used
-    assert _pinned(used, "deepspeed") and _pinned(used, "transformers")
 
 
 def test_install_unpinned_uses_no_constraints(tmp_path):
-    calls, used = _run_install(tmp_path, torch_installed=True, gpu=False, unpinned=True)
+    calls, used = _run_install(tmp_path, torch=f"cpu {PIN}", gpu=False, unpinned=True)
     assert used == "" and not any(" -c " in c for c in calls), calls
-    assert any("-e .[test]" in c for c in calls), calls
+    assert any(c.endswith("-e .[test]") for c in calls), calls
