@@ -2,6 +2,8 @@
 # Install scaleinv-dist (editable) and its dependencies into the current Python environment.
 #   bash scripts/install.sh                        # the tested versions pinned in constraints.txt
 #   SCALEINV_UNPINNED=1 bash scripts/install.sh    # the newest versions pyproject.toml allows
+#                                                   # (on a machine without a GPU, torch stays the
+#                                                   # pinned CPU wheel: PyPI's newest is a CUDA build)
 # Runs with $PYTHON (default: python3 on PATH, i.e. the active virtual environment's).
 # torch: on a machine without a GPU, the CPU build of the pinned version (torch==2.13.0). An
 # installed torch is always kept (on a CUDA machine, install the CUDA build you want first); on a
@@ -13,14 +15,13 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 PIP=("$PY" -m pip install -q)
 
+TORCH_PIN=$(grep -E '^torch==' constraints.txt)
 CONSTRAINTS=()
 if [ -n "${SCALEINV_UNPINNED:-}" ]; then
-  echo "install: SCALEINV_UNPINNED set: newest versions, constraints.txt not used"
-  TORCH_PIN=torch==2.13.0
+  echo "install: SCALEINV_UNPINNED set: newest versions (but the CPU torch), constraints.txt not used"
 else
   CONSTRAINTS_FILE=$(mktemp "${TMPDIR:-/tmp}/scaleinv-constraints.XXXXXX")
   trap 'rm -f "$CONSTRAINTS_FILE"' EXIT
-  TORCH_PIN=$(grep -E '^torch==' constraints.txt)
   CONSTRAINTS=(-c "$CONSTRAINTS_FILE")
 fi
 

@@ -19,10 +19,14 @@ esac
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/scaleinv-refresh.XXXXXX")
 trap 'rm -rf "$TMP"' EXIT
 "${PYTHON:-python3}" -m venv "$TMP/venv"
+unset PYTHON PYTHONPATH
+# shellcheck disable=SC1091
+source "$TMP/venv/bin/activate"   # python3, and `python` in Slurm test jobs, are the new venv's
 VPY=$TMP/venv/bin/python
-SCALEINV_UNPINNED=1 PYTHON=$VPY bash scripts/install.sh
+export SCALEINV_UNPINNED=1         # scripts/test.sh installs again: keep the newest versions
+bash scripts/install.sh
 if [ "$RUN_TESTS" = 1 ]; then
-  PYTHON=$VPY bash scripts/test.sh
+  bash scripts/test.sh
 fi
 
 {
