@@ -33,7 +33,7 @@ fi
   echo "# Tested versions for scripts/install.sh (pip constraints: they pin a version, install nothing)."
   echo "# Written by scripts/refresh_constraints.sh on $(date -u +%Y-%m-%d) from a fresh install with"
   echo "# $("$VPY" -c 'import platform; print("Python", platform.python_version(), "on", platform.machine())')$([ "$RUN_TESTS" = 1 ] && echo ", test suite passed" || echo ", tests not run")."
-  echo "# On a CUDA machine scripts/install.sh leaves out the torch and triton lines."
+  echo "# With any torch but the pinned CPU build (e.g. a CUDA one), scripts/install.sh drops the torch and triton lines."
   "$VPY" -m pip freeze --all --exclude-editable 2>/dev/null \
     | grep -E '^[A-Za-z0-9._-]+==' | grep -vE '^(pip|scaleinv[-_]dist)==' \
     | sed -E 's/^(torch==[^+]+)\+.*/\1/' \
