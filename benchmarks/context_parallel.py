@@ -37,25 +37,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _kernels_importable() -> None:
-    """From a bare checkout (no `pip install -e .`), map scaleinv_dist.kernels to kernels/."""
-    import importlib.util
-
-    import scaleinv_dist
-    try:
-        import scaleinv_dist.kernels  # noqa: F401
-    except ImportError:
-        spec = importlib.util.spec_from_file_location(
-            "scaleinv_dist.kernels", ROOT / "kernels" / "__init__.py",
-            submodule_search_locations=[str(ROOT / "kernels")])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["scaleinv_dist.kernels"] = mod
-        spec.loader.exec_module(mod)
-        scaleinv_dist.kernels = mod
-
-
-_kernels_importable()
-
 from scaleinv_dist.attention import resolve_backend, scale_invariant_attention  # noqa: E402
 from scaleinv_dist.parallel import (ContextParallelAttention, destroy_topology, init_topology,  # noqa: E402
                                     layout_for, shard_batch, shard_index)

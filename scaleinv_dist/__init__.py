@@ -8,17 +8,21 @@ def _register_source_kernels() -> None:
     """Make `scaleinv_dist.kernels` importable from a source checkout (PYTHONPATH=., no install).
 
     The top-level folder kernels/ installs as scaleinv_dist.kernels (pyproject package-dir); an
-    installed copy has it inside the package, a checkout has it beside it.
+    installed copy has it inside the package, a checkout (or an editable install) has it beside it.
+    kernels/ has no __init__.py on purpose: a plain folder is only a namespace-package portion, so
+    from the repository root `import kernels` still finds PyPI's `kernels` (which transformers
+    imports) instead of our folder.
     """
+    name = __name__ + ".kernels"
     here = _Path(__file__).resolve().parent
-    source = here.parent / "kernels" / "__init__.py"
-    if (here / "kernels").exists() or not source.is_file() or "scaleinv_dist.kernels" in _sys.modules:
+    source = here.parent / "kernels"
+    if name in _sys.modules or (here / "kernels").is_dir() or not (source / "flash_si.py").is_file():
         return
-    spec = _ilu.spec_from_file_location("scaleinv_dist.kernels", source,
-                                        submodule_search_locations=[str(source.parent)])
-    module = _ilu.module_from_spec(spec)
-    _sys.modules["scaleinv_dist.kernels"] = module
-    spec.loader.exec_module(module)
+    spec = _ilu.spec_from_loader(name, None, is_package=True)
+    spec.submodule_search_locations = [str(source)]
+    module = _ilu.module_from_spec(spec)  # a namespace package whose __path__ is kernels/
+    _sys.modules[name] = module
+    globals()["kernels"] = module
 
 
 _register_source_kernels()

@@ -1,1 +1,0 @@
-"""Fused Triton attention kernels, installed as scaleinv_dist.kernels."""
