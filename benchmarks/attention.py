@@ -276,6 +276,25 @@ def kernel_stats():
     return lines
 
 
+# ----------------------------------------------------------------------------- results file
+def results_header(argv=None) -> str:
+    """Markdown heading with date, card and versions, and the command line that ran."""
+    import triton
+
+    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0]] + (argv or sys.argv[1:]))
+    return (f"## {datetime.datetime.now():%Y-%m-%d %H:%M} — {torch.cuda.get_device_name()}, "
+            f"torch {torch.__version__}, triton {triton.__version__}\n\nCommand: `{command}`\n")
+
+
+def append_results(out: Path, text: str) -> None:
+    """Append one section to the results file (created with a title if missing)."""
+    if not out.exists():
+        out.write_text("# Attention benchmark results\n\nAppended by `benchmarks/attention.py` "
+                       "(see its docstring for the method). Newest last.\n\n")
+    with out.open("a") as f:
+        f.write(text + "\n")
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -301,12 +320,7 @@ def main(argv=None):
     if args.quick:
         ns, dims, rep = [n for n in ns if n <= 16384] or [4096], dims[:1], 50
     device = torch.device("cuda")
-    card = torch.cuda.get_device_name()
-    import triton
-
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0]] + (argv or sys.argv[1:]))
-    head = (f"## {datetime.datetime.now():%Y-%m-%d %H:%M} — {card}, torch {torch.__version__}, "
-            f"triton {triton.__version__}\n\nCommand: `{command}`\n")
+    head = results_header(argv)
     out_dir = os.environ.get("OUT")
     if args.sweep:
         import json
@@ -333,12 +347,7 @@ def main(argv=None):
     sections.append("\n".join(timing_table(results, ns, dims)) + "\n")
     text = "\n".join(sections)
     print(text)
-    out = Path(args.out)
-    if not out.exists():
-        out.write_text("# Attention benchmark results\n\nAppended by `benchmarks/attention.py` "
-                       "(see its docstring for the method). Newest last.\n\n")
-    with out.open("a") as f:
-        f.write(text + "\n")
+    append_results(Path(args.out), text)
     if out_dir:
         Path(out_dir, "attention.md").write_text(text)
     return 0 if ok else 1

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from .attention_backend import REGISTRY, check_name, load, resolve, validate
+from . import attention_backend as backends
+from .attention_backend import check_name, resolve, validate
 # Names used by context-parallel attention and the benchmarks:
 from .attention_backend import contract_ops as backend_ops  # noqa: F401
 from .attention_backend import resolve as resolve_backend  # noqa: F401
@@ -80,8 +81,9 @@ def scale_invariant_attention(
     opts = dict(scale=q.shape[-1] ** -0.5 if scale is None else float(scale), tau=float(tau),
                 causal=bool(causal), transform=transform, alibi_slopes=alibi_slopes)
     name = resolve(backend, q, k, v, transform=transform)
-    if REGISTRY[name].contract:
-        out, lse = _ContractAttention.apply(q, k, v, q_pos, k_pos, q_seg, k_seg, load(name), opts)
+    ops = backends.load(name)
+    if backends.REGISTRY[name].contract:
+        out, lse = _ContractAttention.apply(q, k, v, q_pos, k_pos, q_seg, k_seg, ops, opts)
     else:  # differentiable through autograd (FlexAttention)
-        out, lse = load(name).forward(q, k, v, q_pos, k_pos, q_seg, k_seg, **opts)
+        out, lse = ops.forward(q, k, v, q_pos, k_pos, q_seg, k_seg, **opts)
     return (out, lse.float()) if return_lse else out

@@ -65,7 +65,6 @@ REGISTRY: dict[str, Entry] = {
     "flex": Entry("scaleinv_dist.attention_flex", False, ("cuda",)),
     "reference": Entry("scaleinv_dist.attention_reference", True, None),
 }
-NAMES = ("auto", *REGISTRY)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -118,8 +117,9 @@ def validate(q, k, v, q_pos, k_pos, q_seg=None, k_seg=None, *, transform: str, a
 
 # ----------------------------------------------------------------------------- registry
 def check_name(backend: str) -> None:
-    if backend not in NAMES:
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {NAMES}")
+    if backend != "auto" and backend not in REGISTRY:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of "
+                         f"{('auto', *REGISTRY)}")
 
 
 @functools.lru_cache(maxsize=None)
