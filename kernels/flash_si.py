@@ -358,7 +358,8 @@ def _lists_kernel(RB, CB, LT, n_row, n_col, Nrow, Ncol, s_lt, tau, ratio,
 @triton.jit
 def _key_tile_logits(q, qf, qseg, q_ok, qlo, qhi, Kh, KPF, KS, KB, j, sk_n, sk_d, Nk,
                      c, tau, log2tau, K1, K0, slope,
-                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D: tl.constexpr, TRANSFORM: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D: tl.constexpr,
+                     TRANSFORM: tl.constexpr,
                      CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, MODE: tl.constexpr,
                      DEG: tl.constexpr, FAST: tl.constexpr, F32: tl.constexpr,
                      DOT_PREC: tl.constexpr):
@@ -395,7 +396,8 @@ def _key_tile_logits(q, qf, qseg, q_ok, qlo, qhi, Kh, KPF, KS, KB, j, sk_n, sk_d
 @triton.jit
 def _fwd_loop(acc, l_i, m_i, q, qf, qseg, q_ok, qlo, qhi, Kh, Vh, KPF, KS, KB, lst, start, end,
               sk_n, sk_d, sv_n, sv_d, Nk, c, tau, log2tau, K1, K0, slope,
-              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D: tl.constexpr, TRANSFORM: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D: tl.constexpr,
+              TRANSFORM: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, MODE: tl.constexpr,
               DEG: tl.constexpr, FAST: tl.constexpr, F32: tl.constexpr, DOT_PREC: tl.constexpr):
     """Online softmax over the key tiles lst[start:end], all of class MODE."""
@@ -403,8 +405,8 @@ def _fwd_loop(acc, l_i, m_i, q, qf, qseg, q_ok, qlo, qhi, Kh, Vh, KPF, KS, KB, l
     for it in range(start, end):
         k, L, A, R, visible, offs_n, k_ok = _key_tile_logits(
             q, qf, qseg, q_ok, qlo, qhi, Kh, KPF, KS, KB, tl.load(lst + it), sk_n, sk_d, Nk,
-            c, tau, log2tau, K1, K0, slope, BLOCK_N, BLOCK_D, HEAD_D, TRANSFORM, CAUSAL, HAS_SEG, MODE,
-            DEG, FAST, F32, DOT_PREC)
+            c, tau, log2tau, K1, K0, slope, BLOCK_N, BLOCK_D, HEAD_D, TRANSFORM, CAUSAL, HAS_SEG,
+            MODE, DEG, FAST, F32, DOT_PREC)
         if MODE == 2:
             L = tl.where(visible, L, float("-inf"))
         if TRANSFORM == 0:
@@ -478,20 +480,21 @@ def _fwd_kernel(
     if TRANSFORM == 1:
         acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, qf, qseg, m_ok[:, None], qlo, qhi, Kh, Vh,
                                   KPFb, KSb, KBb, lst, 0, e0, sk_n, sk_d, sv_n, sv_d, Nk,
-                                  c, tau, log2tau, K1, K0, slope, BLOCK_N, BLOCK_D, HEAD_D, TRANSFORM,
-                                  CAUSAL, HAS_SEG, 0, DEG, FAST, F32, DOT_PREC)
+                                  c, tau, log2tau, K1, K0, slope, BLOCK_N, BLOCK_D, HEAD_D,
+                                  TRANSFORM, CAUSAL, HAS_SEG, 0, DEG, FAST, F32, DOT_PREC)
     acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, qf, qseg, m_ok[:, None], qlo, qhi, Kh, Vh,
                               KPFb, KSb, KBb, lst, e0, e1, sk_n, sk_d, sv_n, sv_d, Nk,
-                              c, tau, log2tau, K1, K0, slope, BLOCK_N, BLOCK_D, HEAD_D, TRANSFORM, CAUSAL,
-                              HAS_SEG, 1, DEG, FAST, F32, DOT_PREC)
+                              c, tau, log2tau, K1, K0, slope, BLOCK_N, BLOCK_D, HEAD_D, TRANSFORM,
+                              CAUSAL, HAS_SEG, 1, DEG, FAST, F32, DOT_PREC)
     acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, qf, qseg, m_ok[:, None], qlo, qhi, Kh, Vh,
                               KPFb, KSb, KBb, lst, e1, e2, sk_n, sk_d, sv_n, sv_d, Nk,
-                              c, tau, log2tau, K1, K0, slope, BLOCK_N, BLOCK_D, HEAD_D, TRANSFORM, CAUSAL,
-                              HAS_SEG, 2, DEG, FAST, F32, DOT_PREC)
+                              c, tau, log2tau, K1, K0, slope, BLOCK_N, BLOCK_D, HEAD_D, TRANSFORM,
+                              CAUSAL, HAS_SEG, 2, DEG, FAST, F32, DOT_PREC)
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
     tl.store(OUT + b * so_b + h * so_h + offs_m[:, None] * so_m + offs_d[None, :] * so_d,
-             (acc / l_safe).to(OUT.dtype.element_ty), mask=_tile_mask(m_ok, offs_d, HEAD_D, BLOCK_D))
+             (acc / l_safe).to(OUT.dtype.element_ty),
+             mask=_tile_mask(m_ok, offs_d, HEAD_D, BLOCK_D))
     lse = tl.where(seen, (m_i + tl.log2(l_safe) + lse_offset) * 0.6931471805599453, float("-inf"))
     tl.store(LSE + bh * Nq + offs_m[:, None], lse, mask=m_ok[:, None])
 
@@ -572,7 +575,8 @@ def _bwd_dkdv_loop(dk, dv, k, v, kf, kseg, klo, khi, Qh, DOh, LSE2h, DELTAh, QPF
 @triton.jit
 def _bwd_dq_loop(dq, q, do, lse2, delta, qf, qseg, q_ok, qlo, qhi, Kh, Vh, KPF, KS, KB,
                  lst, start, end, sk_n, sk_d, sv_n, sv_d, Nk, c, tau, log2tau, K1, K0, slope,
-                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D: tl.constexpr, TRANSFORM: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D: tl.constexpr,
+                 TRANSFORM: tl.constexpr,
                  CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, MODE: tl.constexpr,
                  DEG: tl.constexpr, FAST: tl.constexpr, F32: tl.constexpr,
                  DOT_PREC: tl.constexpr):
@@ -580,8 +584,8 @@ def _bwd_dq_loop(dq, q, do, lse2, delta, qf, qseg, q_ok, qlo, qhi, Kh, Vh, KPF, 
     for it in range(start, end):
         k, L, A, R, visible, offs_n, k_ok = _key_tile_logits(
             q, qf, qseg, q_ok, qlo, qhi, Kh, KPF, KS, KB, tl.load(lst + it), sk_n, sk_d, Nk,
-            c, tau, log2tau, K1, K0, slope, BLOCK_N, BLOCK_D, HEAD_D, TRANSFORM, CAUSAL, HAS_SEG, MODE,
-            DEG, FAST, F32, DOT_PREC)
+            c, tau, log2tau, K1, K0, slope, BLOCK_N, BLOCK_D, HEAD_D, TRANSFORM, CAUSAL, HAS_SEG,
+            MODE, DEG, FAST, F32, DOT_PREC)
         if TRANSFORM == 0:
             p = _exp2(L * c - lse2, FAST)
         else:
@@ -607,7 +611,8 @@ def _bwd_kernel(
     sd_b, sd_h, sd_m, sd_d, sp_q, sp_k, sb_q1, sb_k1, sl_1, sb_q2, sb_k2, sl_2,
     Nq, Nk, Hq, Hkv, G, n_kb1, n_qb1, n_qb2, n_kb2, c, tau, log2tau, K1, K0, grad_scale,
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr,
-    BLOCK_N2: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D: tl.constexpr, TRANSFORM: tl.constexpr,
+    BLOCK_N2: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D: tl.constexpr,
+    TRANSFORM: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, DEG: tl.constexpr, FAST: tl.constexpr,
     F32: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -661,16 +666,19 @@ def _bwd_kernel(
             if TRANSFORM == 1:
                 dk, dv = _bwd_dkdv_loop(dk, dv, k, v, kf, kseg, klo, khi, Qh, DOh, LSE2h, DELTAh,
                                         QPFb, QSb, QB1 + b * sb_q1, lst, 0, e0, sq_m, sq_d, sd_m,
-                                        sd_d, Nq, c, tau, log2tau, K1, K0, slope, BLOCK_M1, BLOCK_D, HEAD_D,
-                                        TRANSFORM, CAUSAL, HAS_SEG, 0, DEG, FAST, F32, DOT_PREC)
+                                        sd_d, Nq, c, tau, log2tau, K1, K0, slope, BLOCK_M1,
+                                        BLOCK_D, HEAD_D, TRANSFORM, CAUSAL, HAS_SEG, 0, DEG, FAST,
+                                        F32, DOT_PREC)
             dk, dv = _bwd_dkdv_loop(dk, dv, k, v, kf, kseg, klo, khi, Qh, DOh, LSE2h, DELTAh,
                                     QPFb, QSb, QB1 + b * sb_q1, lst, e0, e1, sq_m, sq_d, sd_m,
-                                    sd_d, Nq, c, tau, log2tau, K1, K0, slope, BLOCK_M1, BLOCK_D, HEAD_D,
-                                    TRANSFORM, CAUSAL, HAS_SEG, 1, DEG, FAST, F32, DOT_PREC)
+                                    sd_d, Nq, c, tau, log2tau, K1, K0, slope, BLOCK_M1, BLOCK_D,
+                                    HEAD_D, TRANSFORM, CAUSAL, HAS_SEG, 1, DEG, FAST, F32,
+                                    DOT_PREC)
             dk, dv = _bwd_dkdv_loop(dk, dv, k, v, kf, kseg, klo, khi, Qh, DOh, LSE2h, DELTAh,
                                     QPFb, QSb, QB1 + b * sb_q1, lst, e1, e2, sq_m, sq_d, sd_m,
-                                    sd_d, Nq, c, tau, log2tau, K1, K0, slope, BLOCK_M1, BLOCK_D, HEAD_D,
-                                    TRANSFORM, CAUSAL, HAS_SEG, 2, DEG, FAST, F32, DOT_PREC)
+                                    sd_d, Nq, c, tau, log2tau, K1, K0, slope, BLOCK_M1, BLOCK_D,
+                                    HEAD_D, TRANSFORM, CAUSAL, HAS_SEG, 2, DEG, FAST, F32,
+                                    DOT_PREC)
         kv_off = (bhk * Nk + offs_n[:, None]) * HEAD_D + offs_d[None, :]
         kv_mask = _tile_mask(n_ok, offs_d, HEAD_D, BLOCK_D)
         tl.store(DK + kv_off, (dk * grad_scale).to(DK.dtype.element_ty), mask=kv_mask)
@@ -711,16 +719,16 @@ def _bwd_kernel(
         if TRANSFORM == 1:
             dq = _bwd_dq_loop(dq, q, do, lse2, delta, qf, qseg, m_ok[:, None], qlo, qhi, Kh, Vh,
                               KPFb, KSb, KB2 + b * sb_k2, lst, 0, e0, sk_n, sk_d, sv_n, sv_d, Nk,
-                              c, tau, log2tau, K1, K0, slope, BLOCK_N2, BLOCK_D, HEAD_D, TRANSFORM, CAUSAL,
-                              HAS_SEG, 0, DEG, FAST, F32, DOT_PREC)
+                              c, tau, log2tau, K1, K0, slope, BLOCK_N2, BLOCK_D, HEAD_D,
+                              TRANSFORM, CAUSAL, HAS_SEG, 0, DEG, FAST, F32, DOT_PREC)
         dq = _bwd_dq_loop(dq, q, do, lse2, delta, qf, qseg, m_ok[:, None], qlo, qhi, Kh, Vh,
                           KPFb, KSb, KB2 + b * sb_k2, lst, e0, e1, sk_n, sk_d, sv_n, sv_d, Nk,
-                          c, tau, log2tau, K1, K0, slope, BLOCK_N2, BLOCK_D, HEAD_D, TRANSFORM, CAUSAL,
-                          HAS_SEG, 1, DEG, FAST, F32, DOT_PREC)
+                          c, tau, log2tau, K1, K0, slope, BLOCK_N2, BLOCK_D, HEAD_D, TRANSFORM,
+                          CAUSAL, HAS_SEG, 1, DEG, FAST, F32, DOT_PREC)
         dq = _bwd_dq_loop(dq, q, do, lse2, delta, qf, qseg, m_ok[:, None], qlo, qhi, Kh, Vh,
                           KPFb, KSb, KB2 + b * sb_k2, lst, e1, e2, sk_n, sk_d, sv_n, sv_d, Nk,
-                          c, tau, log2tau, K1, K0, slope, BLOCK_N2, BLOCK_D, HEAD_D, TRANSFORM, CAUSAL,
-                          HAS_SEG, 2, DEG, FAST, F32, DOT_PREC)
+                          c, tau, log2tau, K1, K0, slope, BLOCK_N2, BLOCK_D, HEAD_D, TRANSFORM,
+                          CAUSAL, HAS_SEG, 2, DEG, FAST, F32, DOT_PREC)
         q_off = ((b * Hq + h) * Nq + offs_m[:, None]) * HEAD_D + offs_d[None, :]
         tl.store(DQ + q_off, (dq * grad_scale).to(DQ.dtype.element_ty),
                  mask=_tile_mask(m_ok, offs_d, HEAD_D, BLOCK_D))

@@ -19,7 +19,8 @@ from .attention_backend import contract_ops as backend_ops  # noqa: F401
 from .attention_backend import resolve as resolve_backend  # noqa: F401
 
 
-def prepare_inputs(q, k, v, q_pos, k_pos, q_seg, k_seg, *, transform: str, backend: str, alibi_slopes):
+def prepare_inputs(q, k, v, q_pos, k_pos, q_seg, k_seg, *, transform: str, backend: str,
+                   alibi_slopes):
     """Validate q/k/v, the options and the backend name; positions and document ids as (B, N)."""
     check_name(backend)
     return validate(q, k, v, q_pos, k_pos, q_seg, k_seg, transform=transform,
@@ -76,8 +77,9 @@ def scale_invariant_attention(
     Returns out (B, Hq, Nq, D) in q's dtype and, with return_lse, lse (B, Hq, Nq) float32, natural
     log. A query that sees no key gets out = 0 and lse = -inf.
     """
-    q_pos, k_pos, q_seg, k_seg = prepare_inputs(q, k, v, q_pos, k_pos, q_seg, k_seg, transform=transform,
-                                                backend=backend, alibi_slopes=alibi_slopes)
+    q_pos, k_pos, q_seg, k_seg = prepare_inputs(q, k, v, q_pos, k_pos, q_seg, k_seg,
+                                                transform=transform, backend=backend,
+                                                alibi_slopes=alibi_slopes)
     opts = dict(scale=q.shape[-1] ** -0.5 if scale is None else float(scale), tau=float(tau),
                 causal=bool(causal), transform=transform, alibi_slopes=alibi_slopes)
     name = resolve(backend, q, k, v, transform=transform)

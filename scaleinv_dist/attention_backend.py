@@ -71,7 +71,8 @@ REGISTRY: dict[str, Entry] = {
 def normalize_positions(pos: torch.Tensor, batch: int, length: int, name: str) -> torch.Tensor:
     """(N,) or (B, N) integer positions -> (B, N) (a broadcast view where possible)."""
     if not isinstance(pos, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of integer positions, got {type(pos).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor of integer positions, "
+                        f"got {type(pos).__name__}")
     if pos.is_floating_point() or pos.dtype == torch.bool:
         raise TypeError(f"{name} must have an integer dtype (int32 or int64), got {pos.dtype}; "
                         f"pass e.g. torch.arange(N)")
@@ -79,19 +80,22 @@ def normalize_positions(pos: torch.Tensor, batch: int, length: int, name: str) -
         return pos.unsqueeze(0).expand(batch, length)
     if pos.dim() == 2 and pos.shape == (batch, length):
         return pos
-    raise ValueError(f"{name} has shape {tuple(pos.shape)}; expected ({length},) or ({batch}, {length})")
+    raise ValueError(f"{name} has shape {tuple(pos.shape)}; expected ({length},) or "
+                     f"({batch}, {length})")
 
 
 def validate(q, k, v, q_pos, k_pos, q_seg=None, k_seg=None, *, transform: str, alibi_slopes=None):
     """Check the inputs every backend accepts; returns (q_pos, k_pos, q_seg, k_seg) as (B, N)
     tensors (document ids None when not given). Raises ValueError / TypeError in one line."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError("q, k, v must be 4-D (batch, heads, tokens, head_dim) like torch SDPA; got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError("q, k, v must be 4-D (batch, heads, tokens, head_dim) like torch SDPA; "
+                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if k.shape[:3] != v.shape[:3]:
-        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must agree in batch, heads, tokens")
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must agree in batch, heads, "
+                         f"tokens")
     if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch and head_dim")
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch and "
+                         f"head_dim")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads "
                          f"({k.shape[1]}) for grouped-query attention")
@@ -176,5 +180,6 @@ def contract_ops(name: str) -> AttentionBackend:
     """The module of a backend with the forward/backward contract (for ring attention)."""
     if name not in REGISTRY or not REGISTRY[name].contract:
         contract = tuple(n for n, e in REGISTRY.items() if e.contract)
-        raise ValueError(f"backend {name!r} has no forward/backward contract; use one of {contract}")
+        raise ValueError(f"backend {name!r} has no forward/backward contract; use one of "
+                         f"{contract}")
     return load(name)

@@ -64,6 +64,6 @@ def test_auto_falls_back_once_for_unsupported_head_dim():
         assert attention_backend.resolve("auto", q, k, v) == "flex"
     assert len([w for w in caught if "head dims" in str(w.message)]) == 1
     out = scale_invariant_attention(q, k, v, pos, pos)
-    r_out, _ = ref.forward(q.double(), k.double(), v.double(), pos[None], pos[None], scale=12 ** -0.5,
-                           tau=TAU, causal=True, transform="scale_invariant")
+    r_out, _ = ref.forward(q.double(), k.double(), v.double(), pos[None], pos[None],
+                           scale=12 ** -0.5, tau=TAU, causal=True, transform="scale_invariant")
     assert rel(out, r_out) <= TOL
