@@ -218,8 +218,8 @@ def test_contract_backends_follow_the_protocol():
     no backward and is refused where the ring needs one."""
     from scaleinv_dist import attention_backend as backends
 
-    for name in ("reference",):
-        module = backends.contract_ops(name)
-        assert all(callable(getattr(module, f)) for f in ("supports", "forward", "backward"))
+    module = backends.contract_ops("reference")
+    assert all(callable(getattr(module, f)) for f in ("supports", "forward", "backward"))
+    assert backends.resolve("auto", torch.randn(1, 1, 4, 12)) == "reference"  # CPU: any head dim
     with pytest.raises(ValueError, match="no forward/backward contract"):
         backends.contract_ops("flex")

@@ -331,7 +331,11 @@ def test_errors():
 
 
 def test_supported_head_dims():
-    """supports() accepts exactly the multiples of 8 from 8 to 256."""
+    """supports() accepts exactly the multiples of 8 from 8 to 256; the registry's "triton"
+    entry is this module."""
+    from scaleinv_dist import attention_backend
+
+    assert attention_backend.contract_ops("triton") is flash_si
     for d in range(1, 300):
         x = torch.empty(1, 1, 1, d)
         ok = flash_si.supports(x, x, x, "scale_invariant") is None
