@@ -26,7 +26,9 @@ def _compiled_flex():
 
 
 def supports(q, k, v, transform):
-    """Every input that attention_backend.validate accepts."""
+    """Why FlexAttention cannot run these validated inputs, or None."""
+    if q.is_cuda and min(q.shape[-1], v.shape[-1]) < 16:  # its CUDA kernel's tl.dot minimum
+        return f"FlexAttention on CUDA needs head dims >= 16; got {q.shape[-1]}"
     return None
 
 

@@ -52,18 +52,27 @@ def test_every_head_dim_bf16(d):
         assert rel(got, want) <= TOL, (d, rel(got, want))
 
 
-def test_auto_falls_back_once_for_unsupported_head_dim():
-    """D = 12 (not a multiple of 8): auto warns once and runs FlexAttention; out still right."""
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(1, 2, 64, 12, device="cuda", generator=g).bfloat16() for _ in range(3))
+@pytest.mark.parametrize("d, fallback", [(12, "reference"), (20, "flex"), (264, "flex")])
+def test_auto_falls_back_once_for_unsupported_head_dim(d, fallback):
+    """Head dims the kernel cannot run: auto warns once and runs FlexAttention (head dim >= 16)
+    or the reference backend; out and the gradients still match float64."""
+    g = torch.Generator(device="cuda").manual_seed(d)
+    q, k, v, do = (torch.randn(1, 2, 64, d, device="cuda", generator=g).bfloat16()
+                   for _ in range(4))
     pos = torch.arange(64, device="cuda")
     attention_backend._warn_once.cache_clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert attention_backend.resolve("auto", q, k, v) == "flex"
-        assert attention_backend.resolve("auto", q, k, v) == "flex"
-    assert len([w for w in caught if "head dims" in str(w.message)]) == 1
-    out = scale_invariant_attention(q, k, v, pos, pos)
-    r_out, _ = ref.forward(q.double(), k.double(), v.double(), pos[None], pos[None],
-                           scale=12 ** -0.5, tau=TAU, causal=True, transform="scale_invariant")
+        assert attention_backend.resolve("auto", q, k, v) == fallback
+        assert attention_backend.resolve("auto", q, k, v) == fallback
+    assert len([w for w in caught if "'triton' skipped" in str(w.message)]) == 1
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    out = scale_invariant_attention(*leaves, pos, pos)
+    out.backward(do)
+    opts = dict(scale=d ** -0.5, tau=TAU, causal=True, transform="scale_invariant")
+    x64 = [x.double() for x in (q, k, v)]
+    r_out, r_lse = ref.forward(*x64, pos[None], pos[None], **opts)
+    r_grads = ref.backward(do.double(), *x64, r_out, r_lse, pos[None], pos[None], **opts)
     assert rel(out, r_out) <= TOL
+    for x, want in zip(leaves, r_grads):
+        assert rel(x.grad, want) <= TOL
