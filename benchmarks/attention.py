@@ -331,6 +331,25 @@ def kernel_stats():
     return lines
 
 
+# ----------------------------------------------------------------------------- results file
+def results_header(argv=None) -> str:
+    """Markdown heading with date, card and versions, and the command line that ran."""
+    import triton
+
+    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0]] + (argv or sys.argv[1:]))
+    return (f"## {datetime.datetime.now():%Y-%m-%d %H:%M} — {torch.cuda.get_device_name()}, "
+            f"torch {torch.__version__}, triton {triton.__version__}\n\nCommand: `{command}`\n")
+
+
+def append_results(out: Path, text: str) -> None:
+    """Append one section to the results file (created with a title if missing)."""
+    if not out.exists():
+        out.write_text("# Attention benchmark results\n\nAppended by `benchmarks/attention.py` "
+                       "(see its docstring for the method). Newest last.\n\n")
+    with out.open("a") as f:
+        f.write(text + "\n")
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -389,28 +408,10 @@ def main(argv=None):
     sections.append("\n".join(timing_table(results, ns, dims)) + "\n")
     text = "\n".join(sections)
     print(text)
-    append_results(text, Path(args.out), "attention.md")
+    append_results(Path(args.out), text)
+    if out_dir:
+        Path(out_dir, "attention.md").write_text(text)
     return 0 if ok else 1
-
-
-def results_header(argv) -> str:
-    """Markdown heading for one run: date, card, versions and the command line."""
-    import triton
-
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0]] + (argv or sys.argv[1:]))
-    return (f"## {datetime.datetime.now():%Y-%m-%d %H:%M} — {torch.cuda.get_device_name()}, "
-            f"torch {torch.__version__}, triton {triton.__version__}\n\nCommand: `{command}`\n")
-
-
-def append_results(text: str, out: Path, copy_name: str) -> None:
-    """Appends a run's text to the results file (and copies it to $OUT/copy_name when OUT is set)."""
-    if not out.exists():
-        out.write_text("# Attention benchmark results\n\nAppended by `benchmarks/attention.py` "
-                       "(see its docstring for the method). Newest last.\n\n")
-    with out.open("a") as f:
-        f.write(text + "\n")
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], copy_name).write_text(text)
 
 
 if __name__ == "__main__":

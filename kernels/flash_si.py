@@ -1,15 +1,11 @@
 """Fused Triton attention with the scale-invariant logit transform: backend "triton".
 
-Implements the two-function backend contract of `scaleinv_dist.attention_reference`:
-
-    forward(q, k, v, q_pos, k_pos, q_seg=None, k_seg=None, *, scale, tau, causal, transform,
-            alibi_slopes=None) -> out (B, Hq, Nq, D) in q.dtype, lse (B, Hq, Nq) fp32, natural log
-    backward(do, q, k, v, out, lse, q_pos, k_pos, q_seg=None, k_seg=None, *, <same keywords>)
-        -> dq, dk, dv in the dtypes of q, k, v
-
-q (B, Hq, Nq, D); k, v (B, Hkv, Nk, D) with Hq % Hkv == 0; positions (B, N) integers (token index,
-below 2**24); document ids (B, N) integers or None. With t = q_pos - k_pos (|.| if not causal)
-and S = scale * q.k the logit is L = a(t) S + m(t), a = sqrt(1 + 2 log(1 + t/tau)),
+Implements the backend contract `scaleinv_dist.attention_backend.AttentionBackend` (forward ->
+out, lse; backward given an external out, lse). Inputs are checked once by that module's
+`validate` before they reach this module; `supports` says which valid inputs the kernel cannot
+run: fp16 / bf16 / fp32 only, head dims that are multiples of 8 from 8 to 256, CUDA tensors (CPU
+under TRITON_INTERPRET=1). Positions must be below 2**24. With t = q_pos - k_pos (|.| if not
+causal) and S = scale * q.k the logit is L = a(t) S + m(t), a = sqrt(1 + 2 log(1 + t/tau)),
 m = -2 log(1 + t/tau).
 
 How it works (docs/kernel.md has the details and the error bound):
@@ -22,6 +18,9 @@ How it works (docs/kernel.md has the details and the error bound):
   running max / log-sum-exp so that they cost nothing per score element.
 - Backward: one launch; programs [0, n_kv_tiles) compute dk, dv for one key tile (looping over
   the query heads of its GQA group), the others compute dq for one (query head, query tile).
+- Head dims that are not a power of two run on tiles of the next power of two (BLOCK_D, at
+  least 16 for tl.dot); loads and stores are masked on the head-dim axis, so the padding columns
+  are zeros in registers and never touch memory.
 """
 from __future__ import annotations
 
@@ -36,7 +35,7 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 TRANSFORM_IDS = {"none": 0, "scale_invariant": 1, "alibi": 2}
-HEAD_DIMS = (16, 32, 64, 128)
+HEAD_DIM_STEP, MAX_HEAD_DIM = 8, 256  # head dims: multiples of 8 (16-byte bf16 rows) up to 256
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Taylor degree of the far-from-diagonal path and the switch rule: a tile pair uses the polynomial
@@ -45,16 +44,21 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 POLY_DEGREE = 2
 POLY_RATIO = {1: 1.0 / 32.0, 2: 1.0 / 8.0, 3: 1.0 / 4.0}
 
-# Hand-picked tiles for an H100, by head dim (16-bit inputs); fp32 inputs use the small ones.
+# Hand-picked tiles for an H100, keyed by BLOCK_D (the head dim rounded up to a power of two),
+# 16-bit inputs; fp32 inputs use the small ones.
 # forward: (BLOCK_M, BLOCK_N, num_warps, num_stages)
 # backward: (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_warps, num_stages); the dk/dv programs
 # hold BLOCK_N1 keys and walk BLOCK_M1 queries, the dq programs hold BLOCK_M2 queries.
-# Picked by `benchmarks/attention.py --sweep` at N = 16k on an H100 (benchmarks/RESULTS.md).
-FWD_CONFIGS = {16: (128, 64, 8, 3), 32: (128, 64, 8, 3), 64: (128, 64, 4, 3), 128: (128, 128, 8, 3)}
+# Picked by `benchmarks/attention.py --sweep` at N = 16k on an H100 (benchmarks/RESULTS.md); the
+# BLOCK_D = 256 tiles are sized to fit the 228 KB of shared memory of an H100 SM.
+FWD_CONFIGS = {16: (128, 64, 8, 3), 32: (128, 64, 8, 3), 64: (128, 64, 4, 3), 128: (128, 128, 8, 3),
+               256: (64, 64, 8, 2)}
 BWD_CONFIGS = {16: (64, 128, 128, 64, 8, 3), 32: (64, 128, 128, 64, 8, 3),
-               64: (64, 64, 64, 64, 4, 3), 128: (64, 128, 128, 64, 8, 3)}
+               64: (64, 64, 64, 64, 4, 3), 128: (64, 128, 128, 64, 8, 3),
+               256: (32, 32, 64, 32, 8, 2)}
 FWD_CONFIG_F32 = (64, 32, 4, 2)
 BWD_CONFIG_F32 = (32, 64, 64, 32, 4, 1)
+F32_CONFIGS_256 = ((32, 32, 4, 1), (32, 32, 32, 32, 4, 1))  # fp32 forward, backward at BLOCK_D 256
 _LIST_CHUNK = 256
 
 
@@ -201,6 +205,32 @@ def _logits(s, rf, cf, rlo, rhi, clo, chi, c, tau, log2tau, K1, K0, slope,
 
 
 @triton.jit
+def _load_tile(ptrs, rows_ok, offs_d, MASK_ROWS: tl.constexpr, HEAD_D: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    """A (rows, BLOCK_D) tile: zeros in masked rows (MASK_ROWS) and in the padding columns
+    d >= HEAD_D (head dims that are not a power of two); unmasked loads otherwise."""
+    if HEAD_D < BLOCK_D:
+        if MASK_ROWS:
+            return tl.load(ptrs, mask=rows_ok[:, None] & (offs_d < HEAD_D)[None, :], other=0.0)
+        else:
+            return tl.load(ptrs, mask=(offs_d < HEAD_D)[None, :], other=0.0)
+    else:
+        if MASK_ROWS:
+            return tl.load(ptrs, mask=rows_ok[:, None], other=0.0)
+        else:
+            return tl.load(ptrs)
+
+
+@triton.jit
+def _tile_mask(rows_ok, offs_d, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Store mask of a (rows, BLOCK_D) tile: valid rows, real head-dim columns."""
+    if HEAD_D < BLOCK_D:
+        return rows_ok[:, None] & (offs_d < HEAD_D)[None, :]
+    else:
+        return rows_ok[:, None]
+
+
+@triton.jit
 def _visible(qf, kf, qseg, kseg, ok, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr):
     vis = ok
     if CAUSAL:
@@ -328,7 +358,8 @@ def _lists_kernel(RB, CB, LT, n_row, n_col, Nrow, Ncol, s_lt, tau, ratio,
 @triton.jit
 def _key_tile_logits(q, qf, qseg, q_ok, qlo, qhi, Kh, KPF, KS, KB, j, sk_n, sk_d, Nk,
                      c, tau, log2tau, K1, K0, slope,
-                     BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, TRANSFORM: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D: tl.constexpr,
+                     TRANSFORM: tl.constexpr,
                      CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, MODE: tl.constexpr,
                      DEG: tl.constexpr, FAST: tl.constexpr, F32: tl.constexpr,
                      DOT_PREC: tl.constexpr):
@@ -337,14 +368,11 @@ def _key_tile_logits(q, qf, qseg, q_ok, qlo, qhi, Kh, KPF, KS, KB, j, sk_n, sk_d
     Returns (k, L, A, R, visible, offs_n, k_ok): the loaded key tile, the logits of _logits
     (rows are queries), the element mask (MODE 2 only; else k_ok), the key offsets and their bounds.
     """
-    offs_d = tl.arange(0, HEAD_D)
+    offs_d = tl.arange(0, BLOCK_D)
     offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
     k_ok = offs_n < Nk
     k_ptrs = Kh + offs_n[:, None] * sk_n + offs_d[None, :] * sk_d
-    if MODE == 2:
-        k = tl.load(k_ptrs, mask=k_ok[:, None], other=0.0)
-    else:
-        k = tl.load(k_ptrs)
+    k = _load_tile(k_ptrs, k_ok, offs_d, MODE == 2, HEAD_D, BLOCK_D)
     if F32:
         k = k.to(tl.float32)
     kf = tl.load(KPF + offs_n, mask=k_ok, other=0.0)[None, :]
@@ -368,16 +396,17 @@ def _key_tile_logits(q, qf, qseg, q_ok, qlo, qhi, Kh, KPF, KS, KB, j, sk_n, sk_d
 @triton.jit
 def _fwd_loop(acc, l_i, m_i, q, qf, qseg, q_ok, qlo, qhi, Kh, Vh, KPF, KS, KB, lst, start, end,
               sk_n, sk_d, sv_n, sv_d, Nk, c, tau, log2tau, K1, K0, slope,
-              BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, TRANSFORM: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D: tl.constexpr,
+              TRANSFORM: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, MODE: tl.constexpr,
               DEG: tl.constexpr, FAST: tl.constexpr, F32: tl.constexpr, DOT_PREC: tl.constexpr):
     """Online softmax over the key tiles lst[start:end], all of class MODE."""
-    offs_d = tl.arange(0, HEAD_D)
+    offs_d = tl.arange(0, BLOCK_D)
     for it in range(start, end):
         k, L, A, R, visible, offs_n, k_ok = _key_tile_logits(
             q, qf, qseg, q_ok, qlo, qhi, Kh, KPF, KS, KB, tl.load(lst + it), sk_n, sk_d, Nk,
-            c, tau, log2tau, K1, K0, slope, BLOCK_N, HEAD_D, TRANSFORM, CAUSAL, HAS_SEG, MODE,
-            DEG, FAST, F32, DOT_PREC)
+            c, tau, log2tau, K1, K0, slope, BLOCK_N, BLOCK_D, HEAD_D, TRANSFORM, CAUSAL, HAS_SEG,
+            MODE, DEG, FAST, F32, DOT_PREC)
         if MODE == 2:
             L = tl.where(visible, L, float("-inf"))
         if TRANSFORM == 0:
@@ -395,10 +424,7 @@ def _fwd_loop(acc, l_i, m_i, q, qf, qseg, q_ok, qlo, qhi, Kh, Vh, KPF, KS, KB, l
         alpha = _exp2(m_i - m_use, FAST)
         l_i = l_i * alpha + tl.sum(p, 1, keep_dims=True)
         v_ptrs = Vh + offs_n[:, None] * sv_n + offs_d[None, :] * sv_d
-        if MODE == 2:
-            v = tl.load(v_ptrs, mask=k_ok[:, None], other=0.0)
-        else:
-            v = tl.load(v_ptrs)
+        v = _load_tile(v_ptrs, k_ok, offs_d, MODE == 2, HEAD_D, BLOCK_D)
         if F32:
             v = v.to(tl.float32)
         acc = acc * alpha + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
@@ -412,7 +438,7 @@ def _fwd_kernel(
     sq_b, sq_h, sq_m, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
     so_b, so_h, so_m, so_d, sp_q, sp_k, sb_q, sb_k, s_lt,
     Nq, Nk, Hq, G, n_qb, n_kb, c, tau, log2tau, K1, K0, lse_offset,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D: tl.constexpr,
     TRANSFORM: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
     DEG: tl.constexpr, FAST: tl.constexpr, F32: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -423,10 +449,10 @@ def _fwd_kernel(
     h = bh % Hq
     hk = h // G
     offs_m = qt * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_D)
+    offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < Nq
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_m + offs_d[None, :] * sq_d,
-                mask=m_ok[:, None], other=0.0)
+    q = _load_tile(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_m + offs_d[None, :] * sq_d,
+                   m_ok, offs_d, True, HEAD_D, BLOCK_D)
     if F32:
         q = q.to(tl.float32)
     qf = tl.load(QPF + b * sp_q + offs_m, mask=m_ok, other=0.0)[:, None]
@@ -450,24 +476,25 @@ def _fwd_kernel(
     e2 = e1 + tl.load(cnt + 2)
     m_i = tl.full([BLOCK_M, 1], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M, 1], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if TRANSFORM == 1:
         acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, qf, qseg, m_ok[:, None], qlo, qhi, Kh, Vh,
                                   KPFb, KSb, KBb, lst, 0, e0, sk_n, sk_d, sv_n, sv_d, Nk,
-                                  c, tau, log2tau, K1, K0, slope, BLOCK_N, HEAD_D, TRANSFORM,
-                                  CAUSAL, HAS_SEG, 0, DEG, FAST, F32, DOT_PREC)
+                                  c, tau, log2tau, K1, K0, slope, BLOCK_N, BLOCK_D, HEAD_D,
+                                  TRANSFORM, CAUSAL, HAS_SEG, 0, DEG, FAST, F32, DOT_PREC)
     acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, qf, qseg, m_ok[:, None], qlo, qhi, Kh, Vh,
                               KPFb, KSb, KBb, lst, e0, e1, sk_n, sk_d, sv_n, sv_d, Nk,
-                              c, tau, log2tau, K1, K0, slope, BLOCK_N, HEAD_D, TRANSFORM, CAUSAL,
-                              HAS_SEG, 1, DEG, FAST, F32, DOT_PREC)
+                              c, tau, log2tau, K1, K0, slope, BLOCK_N, BLOCK_D, HEAD_D, TRANSFORM,
+                              CAUSAL, HAS_SEG, 1, DEG, FAST, F32, DOT_PREC)
     acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, qf, qseg, m_ok[:, None], qlo, qhi, Kh, Vh,
                               KPFb, KSb, KBb, lst, e1, e2, sk_n, sk_d, sv_n, sv_d, Nk,
-                              c, tau, log2tau, K1, K0, slope, BLOCK_N, HEAD_D, TRANSFORM, CAUSAL,
-                              HAS_SEG, 2, DEG, FAST, F32, DOT_PREC)
+                              c, tau, log2tau, K1, K0, slope, BLOCK_N, BLOCK_D, HEAD_D, TRANSFORM,
+                              CAUSAL, HAS_SEG, 2, DEG, FAST, F32, DOT_PREC)
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
     tl.store(OUT + b * so_b + h * so_h + offs_m[:, None] * so_m + offs_d[None, :] * so_d,
-             (acc / l_safe).to(OUT.dtype.element_ty), mask=m_ok[:, None])
+             (acc / l_safe).to(OUT.dtype.element_ty),
+             mask=_tile_mask(m_ok, offs_d, HEAD_D, BLOCK_D))
     lse = tl.where(seen, (m_i + tl.log2(l_safe) + lse_offset) * 0.6931471805599453, float("-inf"))
     tl.store(LSE + bh * Nq + offs_m[:, None], lse, mask=m_ok[:, None])
 
@@ -476,18 +503,18 @@ def _fwd_kernel(
 @triton.jit
 def _bwd_pre_kernel(OUT, DO, LSE, DELTA, LSE2, so_b, so_h, so_m, so_d, sd_b, sd_h, sd_m, sd_d,
                     sl_b, sl_h, sl_m, Nq, Hq, lse_offset, BLOCK: tl.constexpr,
-                    HEAD_D: tl.constexpr):
+                    BLOCK_D: tl.constexpr, HEAD_D: tl.constexpr):
     """DELTA = rowsum(dO * O) fp32; LSE2 = log2(e) lse - lse_offset (+inf where lse = -inf)."""
     bh = tl.program_id(1).to(tl.int64)
     b = bh // Hq
     h = bh % Hq
     offs_m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, HEAD_D)
+    offs_d = tl.arange(0, BLOCK_D)
     ok = offs_m < Nq
-    o = tl.load(OUT + b * so_b + h * so_h + offs_m[:, None] * so_m + offs_d[None, :] * so_d,
-                mask=ok[:, None], other=0.0).to(tl.float32)
-    do = tl.load(DO + b * sd_b + h * sd_h + offs_m[:, None] * sd_m + offs_d[None, :] * sd_d,
-                 mask=ok[:, None], other=0.0).to(tl.float32)
+    o = _load_tile(OUT + b * so_b + h * so_h + offs_m[:, None] * so_m + offs_d[None, :] * so_d,
+                   ok, offs_d, True, HEAD_D, BLOCK_D).to(tl.float32)
+    do = _load_tile(DO + b * sd_b + h * sd_h + offs_m[:, None] * sd_m + offs_d[None, :] * sd_d,
+                    ok, offs_d, True, HEAD_D, BLOCK_D).to(tl.float32)
     tl.store(DELTA + bh * Nq + offs_m, tl.sum(o * do, 1), mask=ok)
     lse = tl.load(LSE + b * sl_b + h * sl_h + offs_m * sl_m, mask=ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634 - lse_offset)
@@ -497,22 +524,19 @@ def _bwd_pre_kernel(OUT, DO, LSE, DELTA, LSE2, so_b, so_h, so_m, so_d, sd_b, sd_
 @triton.jit
 def _bwd_dkdv_loop(dk, dv, k, v, kf, kseg, klo, khi, Qh, DOh, LSE2h, DELTAh, QPF, QS, QB,
                    lst, start, end, sq_m, sq_d, sd_m, sd_d, Nq, c, tau, log2tau, K1, K0, slope,
-                   BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D: tl.constexpr,
                    TRANSFORM: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr,
                    MODE: tl.constexpr, DEG: tl.constexpr, FAST: tl.constexpr,
                    F32: tl.constexpr, DOT_PREC: tl.constexpr):
     """Transposed tiles: rows are this program's keys, columns BLOCK_M queries of lst[start:end]."""
-    offs_d = tl.arange(0, HEAD_D)
+    offs_d = tl.arange(0, BLOCK_D)
     for it in range(start, end):
         i = tl.load(lst + it)
         offs_m = i * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = offs_m < Nq
         q_ptrs = Qh + offs_m[:, None] * sq_m + offs_d[None, :] * sq_d
         do_ptrs = DOh + offs_m[:, None] * sd_m + offs_d[None, :] * sd_d
-        if MODE == 2:
-            q = tl.load(q_ptrs, mask=m_ok[:, None], other=0.0)
-        else:
-            q = tl.load(q_ptrs)
+        q = _load_tile(q_ptrs, m_ok, offs_d, MODE == 2, HEAD_D, BLOCK_D)
         if F32:
             q = q.to(tl.float32)
         qf = tl.load(QPF + offs_m, mask=m_ok, other=0.0)[None, :]
@@ -538,10 +562,7 @@ def _bwd_dkdv_loop(dk, dv, k, v, kf, kseg, klo, khi, Qh, DOh, LSE2h, DELTAh, QPF
             pA = pT * A  # dL/ds folded in now so that A dies early (register pressure)
         else:
             pA = pT
-        if MODE == 2:
-            do = tl.load(do_ptrs, mask=m_ok[:, None], other=0.0)
-        else:
-            do = tl.load(do_ptrs)
+        do = _load_tile(do_ptrs, m_ok, offs_d, MODE == 2, HEAD_D, BLOCK_D)
         if F32:
             do = do.to(tl.float32)
         delta = tl.load(DELTAh + offs_m, mask=m_ok, other=0.0)[None, :]
@@ -554,16 +575,17 @@ def _bwd_dkdv_loop(dk, dv, k, v, kf, kseg, klo, khi, Qh, DOh, LSE2h, DELTAh, QPF
 @triton.jit
 def _bwd_dq_loop(dq, q, do, lse2, delta, qf, qseg, q_ok, qlo, qhi, Kh, Vh, KPF, KS, KB,
                  lst, start, end, sk_n, sk_d, sv_n, sv_d, Nk, c, tau, log2tau, K1, K0, slope,
-                 BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, TRANSFORM: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D: tl.constexpr,
+                 TRANSFORM: tl.constexpr,
                  CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, MODE: tl.constexpr,
                  DEG: tl.constexpr, FAST: tl.constexpr, F32: tl.constexpr,
                  DOT_PREC: tl.constexpr):
-    offs_d = tl.arange(0, HEAD_D)
+    offs_d = tl.arange(0, BLOCK_D)
     for it in range(start, end):
         k, L, A, R, visible, offs_n, k_ok = _key_tile_logits(
             q, qf, qseg, q_ok, qlo, qhi, Kh, KPF, KS, KB, tl.load(lst + it), sk_n, sk_d, Nk,
-            c, tau, log2tau, K1, K0, slope, BLOCK_N, HEAD_D, TRANSFORM, CAUSAL, HAS_SEG, MODE,
-            DEG, FAST, F32, DOT_PREC)
+            c, tau, log2tau, K1, K0, slope, BLOCK_N, BLOCK_D, HEAD_D, TRANSFORM, CAUSAL, HAS_SEG,
+            MODE, DEG, FAST, F32, DOT_PREC)
         if TRANSFORM == 0:
             p = _exp2(L * c - lse2, FAST)
         else:
@@ -573,10 +595,7 @@ def _bwd_dq_loop(dq, q, do, lse2, delta, qf, qseg, q_ok, qlo, qhi, Kh, Vh, KPF, 
         if TRANSFORM == 1:
             p = p * A
         v_ptrs = Vh + offs_n[:, None] * sv_n + offs_d[None, :] * sv_d
-        if MODE == 2:
-            v = tl.load(v_ptrs, mask=k_ok[:, None], other=0.0)
-        else:
-            v = tl.load(v_ptrs)
+        v = _load_tile(v_ptrs, k_ok, offs_d, MODE == 2, HEAD_D, BLOCK_D)
         if F32:
             v = v.to(tl.float32)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
@@ -592,7 +611,8 @@ def _bwd_kernel(
     sd_b, sd_h, sd_m, sd_d, sp_q, sp_k, sb_q1, sb_k1, sl_1, sb_q2, sb_k2, sl_2,
     Nq, Nk, Hq, Hkv, G, n_kb1, n_qb1, n_qb2, n_kb2, c, tau, log2tau, K1, K0, grad_scale,
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr,
-    BLOCK_N2: tl.constexpr, HEAD_D: tl.constexpr, TRANSFORM: tl.constexpr,
+    BLOCK_N2: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D: tl.constexpr,
+    TRANSFORM: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, DEG: tl.constexpr, FAST: tl.constexpr,
     F32: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -605,7 +625,7 @@ def _bwd_kernel(
     bhk = tl.program_id(1).to(tl.int64)
     b = bhk // Hkv
     hk = bhk % Hkv
-    offs_d = tl.arange(0, HEAD_D)
+    offs_d = tl.arange(0, BLOCK_D)
     QPFb = QPF + b * sp_q
     QSb = QS + b * sp_q
     KPFb = KPF + b * sp_k
@@ -614,10 +634,10 @@ def _bwd_kernel(
         kt = pid
         offs_n = kt * BLOCK_N1 + tl.arange(0, BLOCK_N1)
         n_ok = offs_n < Nk
-        k = tl.load(K + b * sk_b + hk * sk_h + offs_n[:, None] * sk_n + offs_d[None, :] * sk_d,
-                    mask=n_ok[:, None], other=0.0)
-        v = tl.load(V + b * sv_b + hk * sv_h + offs_n[:, None] * sv_n + offs_d[None, :] * sv_d,
-                    mask=n_ok[:, None], other=0.0)
+        k = _load_tile(K + b * sk_b + hk * sk_h + offs_n[:, None] * sk_n + offs_d[None, :] * sk_d,
+                       n_ok, offs_d, True, HEAD_D, BLOCK_D)
+        v = _load_tile(V + b * sv_b + hk * sv_h + offs_n[:, None] * sv_n + offs_d[None, :] * sv_d,
+                       n_ok, offs_d, True, HEAD_D, BLOCK_D)
         if F32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -632,8 +652,8 @@ def _bwd_kernel(
         e0 = tl.load(cnt)
         e1 = e0 + tl.load(cnt + 1)
         e2 = e1 + tl.load(cnt + 2)
-        dk = tl.zeros([BLOCK_N1, HEAD_D], tl.float32)
-        dv = tl.zeros([BLOCK_N1, HEAD_D], tl.float32)
+        dk = tl.zeros([BLOCK_N1, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N1, BLOCK_D], tl.float32)
         for g in range(0, G):
             h = hk * G + g
             Qh = Q + b * sq_b + h * sq_h
@@ -646,19 +666,23 @@ def _bwd_kernel(
             if TRANSFORM == 1:
                 dk, dv = _bwd_dkdv_loop(dk, dv, k, v, kf, kseg, klo, khi, Qh, DOh, LSE2h, DELTAh,
                                         QPFb, QSb, QB1 + b * sb_q1, lst, 0, e0, sq_m, sq_d, sd_m,
-                                        sd_d, Nq, c, tau, log2tau, K1, K0, slope, BLOCK_M1, HEAD_D,
-                                        TRANSFORM, CAUSAL, HAS_SEG, 0, DEG, FAST, F32, DOT_PREC)
+                                        sd_d, Nq, c, tau, log2tau, K1, K0, slope, BLOCK_M1,
+                                        BLOCK_D, HEAD_D, TRANSFORM, CAUSAL, HAS_SEG, 0, DEG, FAST,
+                                        F32, DOT_PREC)
             dk, dv = _bwd_dkdv_loop(dk, dv, k, v, kf, kseg, klo, khi, Qh, DOh, LSE2h, DELTAh,
                                     QPFb, QSb, QB1 + b * sb_q1, lst, e0, e1, sq_m, sq_d, sd_m,
-                                    sd_d, Nq, c, tau, log2tau, K1, K0, slope, BLOCK_M1, HEAD_D,
-                                    TRANSFORM, CAUSAL, HAS_SEG, 1, DEG, FAST, F32, DOT_PREC)
+                                    sd_d, Nq, c, tau, log2tau, K1, K0, slope, BLOCK_M1, BLOCK_D,
+                                    HEAD_D, TRANSFORM, CAUSAL, HAS_SEG, 1, DEG, FAST, F32,
+                                    DOT_PREC)
             dk, dv = _bwd_dkdv_loop(dk, dv, k, v, kf, kseg, klo, khi, Qh, DOh, LSE2h, DELTAh,
                                     QPFb, QSb, QB1 + b * sb_q1, lst, e1, e2, sq_m, sq_d, sd_m,
-                                    sd_d, Nq, c, tau, log2tau, K1, K0, slope, BLOCK_M1, HEAD_D,
-                                    TRANSFORM, CAUSAL, HAS_SEG, 2, DEG, FAST, F32, DOT_PREC)
+                                    sd_d, Nq, c, tau, log2tau, K1, K0, slope, BLOCK_M1, BLOCK_D,
+                                    HEAD_D, TRANSFORM, CAUSAL, HAS_SEG, 2, DEG, FAST, F32,
+                                    DOT_PREC)
         kv_off = (bhk * Nk + offs_n[:, None]) * HEAD_D + offs_d[None, :]
-        tl.store(DK + kv_off, (dk * grad_scale).to(DK.dtype.element_ty), mask=n_ok[:, None])
-        tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=n_ok[:, None])
+        kv_mask = _tile_mask(n_ok, offs_d, HEAD_D, BLOCK_D)
+        tl.store(DK + kv_off, (dk * grad_scale).to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
     else:
         off = pid - n_kb1
         g = off // n_qb2
@@ -666,10 +690,10 @@ def _bwd_kernel(
         h = hk * G + g
         offs_m = qt * BLOCK_M2 + tl.arange(0, BLOCK_M2)
         m_ok = offs_m < Nq
-        q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_m + offs_d[None, :] * sq_d,
-                    mask=m_ok[:, None], other=0.0)
-        do = tl.load(DO + b * sd_b + h * sd_h + offs_m[:, None] * sd_m + offs_d[None, :] * sd_d,
-                     mask=m_ok[:, None], other=0.0)
+        q = _load_tile(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_m + offs_d[None, :] * sq_d,
+                       m_ok, offs_d, True, HEAD_D, BLOCK_D)
+        do = _load_tile(DO + b * sd_b + h * sd_h + offs_m[:, None] * sd_m + offs_d[None, :] * sd_d,
+                        m_ok, offs_d, True, HEAD_D, BLOCK_D)
         if F32:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
@@ -691,22 +715,23 @@ def _bwd_kernel(
         e0 = tl.load(cnt)
         e1 = e0 + tl.load(cnt + 1)
         e2 = e1 + tl.load(cnt + 2)
-        dq = tl.zeros([BLOCK_M2, HEAD_D], tl.float32)
+        dq = tl.zeros([BLOCK_M2, BLOCK_D], tl.float32)
         if TRANSFORM == 1:
             dq = _bwd_dq_loop(dq, q, do, lse2, delta, qf, qseg, m_ok[:, None], qlo, qhi, Kh, Vh,
                               KPFb, KSb, KB2 + b * sb_k2, lst, 0, e0, sk_n, sk_d, sv_n, sv_d, Nk,
-                              c, tau, log2tau, K1, K0, slope, BLOCK_N2, HEAD_D, TRANSFORM, CAUSAL,
-                              HAS_SEG, 0, DEG, FAST, F32, DOT_PREC)
+                              c, tau, log2tau, K1, K0, slope, BLOCK_N2, BLOCK_D, HEAD_D,
+                              TRANSFORM, CAUSAL, HAS_SEG, 0, DEG, FAST, F32, DOT_PREC)
         dq = _bwd_dq_loop(dq, q, do, lse2, delta, qf, qseg, m_ok[:, None], qlo, qhi, Kh, Vh,
                           KPFb, KSb, KB2 + b * sb_k2, lst, e0, e1, sk_n, sk_d, sv_n, sv_d, Nk,
-                          c, tau, log2tau, K1, K0, slope, BLOCK_N2, HEAD_D, TRANSFORM, CAUSAL,
-                          HAS_SEG, 1, DEG, FAST, F32, DOT_PREC)
+                          c, tau, log2tau, K1, K0, slope, BLOCK_N2, BLOCK_D, HEAD_D, TRANSFORM,
+                          CAUSAL, HAS_SEG, 1, DEG, FAST, F32, DOT_PREC)
         dq = _bwd_dq_loop(dq, q, do, lse2, delta, qf, qseg, m_ok[:, None], qlo, qhi, Kh, Vh,
                           KPFb, KSb, KB2 + b * sb_k2, lst, e1, e2, sk_n, sk_d, sv_n, sv_d, Nk,
-                          c, tau, log2tau, K1, K0, slope, BLOCK_N2, HEAD_D, TRANSFORM, CAUSAL,
-                          HAS_SEG, 2, DEG, FAST, F32, DOT_PREC)
+                          c, tau, log2tau, K1, K0, slope, BLOCK_N2, BLOCK_D, HEAD_D, TRANSFORM,
+                          CAUSAL, HAS_SEG, 2, DEG, FAST, F32, DOT_PREC)
         q_off = ((b * Hq + h) * Nq + offs_m[:, None]) * HEAD_D + offs_d[None, :]
-        tl.store(DQ + q_off, (dq * grad_scale).to(DQ.dtype.element_ty), mask=m_ok[:, None])
+        tl.store(DQ + q_off, (dq * grad_scale).to(DQ.dtype.element_ty),
+                 mask=_tile_mask(m_ok, offs_d, HEAD_D, BLOCK_D))
 
 
 # ============================================================================ test probe
@@ -733,33 +758,32 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _check(q, k, v, transform, alibi_slopes) -> None:
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor (batch, heads, tokens, head_dim)")
-        if x.dtype not in DTYPES:
-            raise TypeError(f"triton attention supports float16, bfloat16 and float32 inputs; "
-                            f"{name} is {x.dtype}")
+def supports(q, k, v, transform, **layout) -> str | None:
+    """Why the kernel cannot run these validated inputs (attention_backend.validate), or None."""
+    if q.dtype not in DTYPES:
+        return f"triton attention supports float16, bfloat16 and float32 inputs; q is {q.dtype}"
     if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+        return f"triton attention needs q, k, v in one dtype; got {q.dtype}, {k.dtype}, {v.dtype}"
     d = q.shape[-1]
-    if d not in HEAD_DIMS or k.shape[-1] != d or v.shape[-1] != d:
-        raise ValueError(f"triton attention supports head dims {HEAD_DIMS} (same for q, k, v); "
-                         f"got q {q.shape[-1]}, k {k.shape[-1]}, v {v.shape[-1]}")
-    if q.shape[1] % k.shape[1] or k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0]:
-        raise ValueError(f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do "
-                         f"not fit (B, Hq, Nq, D), (B, Hkv, Nk, D) with Hq % Hkv == 0")
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+    if d % HEAD_DIM_STEP or not 0 < d <= MAX_HEAD_DIM or v.shape[-1] != d:
+        return (f"triton attention supports head dims that are multiples of {HEAD_DIM_STEP} up to "
+                f"{MAX_HEAD_DIM}, the same for q, k, v; got {d} (v: {v.shape[-1]})")
     if q.device.type != "cuda" and not (q.device.type == "cpu" and _interpret()):
-        raise ValueError(f"triton attention needs CUDA tensors (CPU only under "
-                         f"TRITON_INTERPRET=1); "
-                         f"got device {q.device}")
-    if transform not in TRANSFORM_IDS:
-        raise ValueError(f"unknown transform {transform!r}; choose one of {tuple(TRANSFORM_IDS)}")
-    if transform == "alibi" and (alibi_slopes is None or alibi_slopes.numel() != q.shape[1]):
-        raise ValueError(f"transform='alibi' needs alibi_slopes with one slope per query head "
-                         f"({q.shape[1]})")
+        return (f"triton attention needs CUDA tensors (CPU only under TRITON_INTERPRET=1); "
+                f"got device {q.device}")
+    return None
+
+
+def block_d(d: int) -> int:
+    """The tile width of head dim d: the next power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, triton.next_power_of_2(d))
+
+
+def _tiles(dtype: torch.dtype, bd: int) -> tuple[tuple, tuple]:
+    """(forward, backward) tile configs for input dtype and tile width bd."""
+    if dtype == torch.float32:
+        return F32_CONFIGS_256 if bd > 128 else (FWD_CONFIG_F32, BWD_CONFIG_F32)
+    return FWD_CONFIGS[bd], BWD_CONFIGS[bd]
 
 
 class _Tokens:
@@ -767,12 +791,7 @@ class _Tokens:
     across the batch (a stride-0 or size-1 batch dim), else B."""
 
     def __init__(self, q_pos, k_pos, q_seg, k_seg, batch, device):
-        if (q_seg is None) != (k_seg is None):
-            raise ValueError("pass both q_seg and k_seg (document ids) or neither")
         items = [q_pos, k_pos] + ([] if q_seg is None else [q_seg, k_seg])
-        for x in items:
-            if x.dim() != 2 or x.shape[0] not in (1, batch):
-                raise ValueError(f"positions and document ids must be (B, N); got {tuple(x.shape)}")
         shared = all(x.shape[0] == 1 or x.stride(0) == 0 for x in items)
         self.rows = 1 if shared else batch
 
@@ -836,11 +855,11 @@ def _slopes(alibi_slopes, q, transform, fallback):
 def forward(q, k, v, q_pos, k_pos, q_seg=None, k_seg=None, *, scale, tau, causal, transform,
             alibi_slopes=None):
     """out (B, Hq, Nq, D) in q.dtype and lse (B, Hq, Nq) float32 (natural log; -inf: no key)."""
-    _check(q, k, v, transform, alibi_slopes)
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     tok = _Tokens(q_pos, k_pos, q_seg, k_seg, b, q.device)
-    bm, bn, warps, stages = FWD_CONFIG_F32 if q.dtype == torch.float32 else FWD_CONFIGS[d]
+    bd = block_d(d)
+    bm, bn, warps, stages = _tiles(q.dtype, bd)[0]
     tid = TRANSFORM_IDS[transform]
     qb, sb_q = tok.bounds(True, bm)
     kb, sb_k = tok.bounds(False, bn)
@@ -853,7 +872,7 @@ def forward(q, k, v, q_pos, k_pos, q_seg=None, k_seg=None, *, scale, tau, causal
         qb, kb, lt, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         tok.sq, tok.sk, sb_q, sb_k, s_lt, nq, nk, hq, hq // hkv, n_qb, n_kb,
         **_constants(scale, tau), lse_offset=_lse_offset(transform, tau), BLOCK_M=bm, BLOCK_N=bn,
-        HEAD_D=d, TRANSFORM=tid,
+        BLOCK_D=bd, HEAD_D=d, TRANSFORM=tid,
         CAUSAL=bool(causal), HAS_SEG=tok.has_seg, DEG=POLY_DEGREE, **_flags(q),
         num_warps=warps, num_stages=stages)
     return out, lse
@@ -862,21 +881,20 @@ def forward(q, k, v, q_pos, k_pos, q_seg=None, k_seg=None, *, scale, tau, causal
 def backward(do, q, k, v, out, lse, q_pos, k_pos, q_seg=None, k_seg=None, *, scale, tau, causal,
              transform, alibi_slopes=None):
     """dq, dk, dv (dtypes of q, k, v) of this block, given the (possibly global) out and lse."""
-    _check(q, k, v, transform, alibi_slopes)
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     g = hq // hkv
     do = do.to(q.dtype)
     lse = lse.to(device=q.device, dtype=torch.float32)
     tok = _Tokens(q_pos, k_pos, q_seg, k_seg, b, q.device)
-    bm1, bn1, bm2, bn2, warps, stages = (BWD_CONFIG_F32 if q.dtype == torch.float32
-                                         else BWD_CONFIGS[d])
+    bd = block_d(d)
+    bm1, bn1, bm2, bn2, warps, stages = _tiles(q.dtype, bd)[1]
     tid = TRANSFORM_IDS[transform]
     delta = torch.empty((b, hq, nq), dtype=torch.float32, device=q.device)
     lse2 = torch.empty_like(delta)
     _bwd_pre_kernel[(triton.cdiv(nq, 64), b * hq)](
         out, do, lse, delta, lse2, *out.stride(), *do.stride(), *lse.stride(), nq, hq,
-        _lse_offset(transform, tau), BLOCK=64, HEAD_D=d)
+        _lse_offset(transform, tau), BLOCK=64, BLOCK_D=bd, HEAD_D=d)
     qb1, sb_q1 = tok.bounds(True, bm1)
     kb1, sb_k1 = tok.bounds(False, bn1)
     qb2, sb_q2 = (qb1, sb_q1) if bm2 == bm1 else tok.bounds(True, bm2)
@@ -893,7 +911,8 @@ def backward(do, q, k, v, out, lse, q_pos, k_pos, q_seg=None, k_seg=None, *, sca
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), tok.sq, tok.sk,
         sb_q1, sb_k1, s_lt1, sb_q2, sb_k2, s_lt2, nq, nk, hq, hkv, g, n_kb1, n_qb1, n_qb2, n_kb2,
         **_constants(scale, tau), grad_scale=LN2 if tid == 1 else float(scale),
-        BLOCK_M1=bm1, BLOCK_N1=bn1, BLOCK_M2=bm2, BLOCK_N2=bn2, HEAD_D=d, TRANSFORM=tid,
+        BLOCK_M1=bm1, BLOCK_N1=bn1, BLOCK_M2=bm2, BLOCK_N2=bn2, BLOCK_D=bd, HEAD_D=d,
+        TRANSFORM=tid,
         CAUSAL=bool(causal), HAS_SEG=tok.has_seg, DEG=POLY_DEGREE, **_flags(q),
         num_warps=warps, num_stages=stages)
     return dq, dk, dv

@@ -13,7 +13,7 @@ kernel. This module gives them the scale-invariant transform as CuTe DSL code:
 Per score element that is one log2 and one square root on the special-function unit beside the
 softmax's exp2, and a few FMAs (docs/kernel.md gives the measured cost).
 
-What runs here (everything else goes to the Triton kernel, see `unsupported_reason`): a CUDA
+What runs here (everything else goes to the Triton kernel, see `supports`): a CUDA
 device of compute capability 9.x with `flash_attn.cute` importable; bf16 or fp16; head dim a
 multiple of 8 up to 256; causal self-attention whose query and key positions are the same run of
 consecutive integers (one GPU, or Ulysses after its all-to-all); no document ids; transform
@@ -160,8 +160,9 @@ def _contiguous(pos: torch.Tensor) -> bool:
     return hit
 
 
-def unsupported_reason(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal, transform) -> str | None:
-    """None when this backend runs these inputs, else why not (one short phrase)."""
+def supports(q, k, v, transform, *, q_pos=None, k_pos=None, q_seg=None, k_seg=None,
+             causal=True) -> str | None:
+    """None when this backend runs these validated inputs, else why not (one short phrase)."""
     if _fa4 is None:
         return f"flash_attn.cute is not importable ({IMPORT_ERROR})"
     if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
@@ -175,6 +176,8 @@ def unsupported_reason(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal, transform
         return f"transform {transform!r} is not one of {TRANSFORMS}"
     if not causal:
         return "only causal attention"
+    if q_pos is None or k_pos is None:
+        return "needs the positions to decide (not given)"
     if q_seg is not None:
         return "document ids (q_seg/k_seg) go to the Triton kernel"
     if q.shape[2] != k.shape[2]:

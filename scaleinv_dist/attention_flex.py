@@ -2,7 +2,8 @@
 
 Positions and document ids are captured tensors read by index inside score_mod / mask_mod, so
 non-contiguous shards work the same as contiguous sequences. Autograd runs through FlexAttention;
-there is no separate backward with an external lse (ring attention uses reference or triton).
+there is no separate backward with an external lse, so it is a registry entry with
+contract=False (attention_backend): single-device only.
 """
 from __future__ import annotations
 
@@ -24,8 +25,15 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def flex_attention_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, scale, tau, causal, transform,
-                           alibi_slopes=None):
+def supports(q, k, v, transform, **layout):
+    """Why FlexAttention cannot run these validated inputs, or None."""
+    if q.is_cuda and min(q.shape[-1], v.shape[-1]) < 16:  # its CUDA kernel's tl.dot minimum
+        return f"FlexAttention on CUDA needs head dims >= 16; got {q.shape[-1]}"
+    return None
+
+
+def forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, scale, tau, causal, transform,
+            alibi_slopes=None):
     """out (B, Hq, Nq, D), lse (B, Hq, Nq) natural log; positions (B, N) integer."""
     q_pos, k_pos = q_pos.long(), k_pos.long()
 

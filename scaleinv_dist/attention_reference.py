@@ -1,17 +1,8 @@
 """Reference attention backend: plain PyTorch, any float dtype (float64 included), chunked over keys.
 
-Backend contract (shared with the Triton kernel, used by ring attention):
-
-    forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, scale, tau, causal, transform, alibi_slopes)
-        -> out (B, Hq, Nq, D) in q.dtype, lse (B, Hq, Nq) float32 (float64 for float64 input)
-    backward(do, q, k, v, out, lse, q_pos, k_pos, q_seg, k_seg, *, <same keywords>)
-        -> dq, dk, dv in the dtypes of q, k, v
-
-q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D); positions (B, N) integer; segments (B, N) integer or None;
-alibi_slopes (Hq,) or None. `out` and `lse` passed to backward may be the merged, global ones of a
-ring step: the backward then returns this block's share of the gradients. Rows with no visible key
-give out = 0, lse = -inf and zero gradients. Scores are processed in key chunks of bounded size so
-that long sequences fit in CPU memory.
+Implements the backend contract of scaleinv_dist.attention_backend.AttentionBackend for every
+valid input. Scores are processed in key chunks of bounded size so that long sequences fit in
+CPU memory.
 """
 from __future__ import annotations
 
@@ -55,6 +46,11 @@ def _slopes(alibi_slopes, hkv, hq, dtype):
     if alibi_slopes is None:
         return None
     return alibi_slopes.to(dtype).view(hkv, hq // hkv, 1, 1)
+
+
+def supports(q, k, v, transform, **layout):
+    """Every input that attention_backend.validate accepts."""
+    return None
 
 
 def forward(q, k, v, q_pos, k_pos, q_seg=None, k_seg=None, *, scale, tau, causal, transform,

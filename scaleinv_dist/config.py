@@ -49,7 +49,7 @@ class AttentionConfig:
     transform: str = "scale_invariant"  # scale_invariant | none | logn
     position: str = "p_rope"  # p_rope | rope | nope | alibi
     tau: float = 10.0  # tokens; the scale-invariant transform's local-region size
-    backend: str = "auto"  # auto | triton | flex | reference
+    backend: str = "auto"  # auto | hopper | triton | flex | reference
     rope_base: float = 10000.0  # rope
     p_rope_base: float = 1024.0  # p_rope: the longest wavelength is 2*pi*base tokens
     p_rope_fraction: float = 0.5  # p_rope: fraction of rotary channel pairs that rotate
@@ -129,7 +129,7 @@ CHOICES = {
     "run.wandb": ("offline", "online", "disabled"),
     "attention.transform": ("scale_invariant", "none", "logn"),
     "attention.position": ("p_rope", "rope", "nope", "alibi"),
-    "attention.backend": ("auto", "triton", "flex", "reference"),
+    "attention.backend": ("auto", "hopper", "triton", "flex", "reference"),
     "train.optimizer": ("adamw", "muon"),
     "train.schedule": ("cosine", "wsd", "constant"),
     "train.activation_checkpointing": ("none", "full", "selective", "offload"),
@@ -320,7 +320,8 @@ def validate(cfg: Config) -> None:
 def check_device(cfg: Config, device_type: str) -> None:
     """Options that `device_type` ("cuda" or "cpu") cannot run, as ConfigError, before any work.
 
-    attention.backend=triton needs CUDA (on CPU only under the interpreter, TRITON_INTERPRET=1).
+    attention.backend=triton needs CUDA (on CPU only under the interpreter, TRITON_INTERPRET=1);
+    attention.backend=hopper needs CUDA (a Hopper GPU with flash-attn-4, checked when it runs).
     bf16 (run.dtype) and every activation_checkpointing mode, offload included, also run on CPU.
     """
     interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -328,6 +329,9 @@ def check_device(cfg: Config, device_type: str) -> None:
         raise ConfigError("attention.backend=triton needs a CUDA GPU, and none is in use here; set "
                           "attention.backend=auto (or reference), or TRITON_INTERPRET=1 to run the "
                           "kernel in the (slow) interpreter on CPU")
+    if cfg.attention.backend == "hopper" and device_type != "cuda":
+        raise ConfigError("attention.backend=hopper needs a Hopper (sm90) GPU with flash-attn-4, and "
+                          "no CUDA GPU is in use here; set attention.backend=auto")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -176,3 +176,50 @@ def test_bad_input_errors(bad, msg):
     with pytest.raises((ValueError, TypeError), match=msg):
         scale_invariant_attention(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("q_pos"),
                                   args.pop("k_pos"), **args)
+
+
+# ----------------------------------------------------------------------------- backend registry
+def test_auto_takes_the_first_backend_that_supports_the_inputs(monkeypatch):
+    """A faster (fake) entry in front of the registry: auto takes it where its supports() says
+    yes, else falls back to the reference with exactly one warning per reason; naming it
+    explicitly raises that reason instead."""
+    import types
+    import warnings
+
+    from scaleinv_dist import attention_backend as backends
+
+    fake = types.SimpleNamespace(
+        supports=lambda q, k, v, transform: None if q.shape[-1] == 8 else "only head dim 8",
+        forward=attention_reference.forward, backward=attention_reference.backward)
+    real_load = backends.load
+    monkeypatch.setattr(backends, "REGISTRY", {
+        "fast": backends.Entry("unused", True, ("cpu",), (torch.float64,)), **backends.REGISTRY})
+    monkeypatch.setattr(backends, "load", lambda name: fake if name == "fast" else real_load(name))
+    backends._warn_once.cache_clear()
+    q8, q16 = torch.randn(1, 2, 5, 8, dtype=torch.float64), torch.randn(1, 2, 5, 16, dtype=torch.float64)
+    assert backends.resolve("auto", q8) == "fast"
+    assert backends.resolve("auto", q8.float()) == "reference"  # not tried for float32
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert backends.resolve("auto", q16) == "reference"
+        assert backends.resolve("auto", q16) == "reference"
+    assert [str(w.message) for w in caught] == [
+        "attention backend 'fast' skipped: only head dim 8; falling back"]
+    with pytest.raises(ValueError, match="'fast': only head dim 8"):
+        backends.resolve("fast", q16)
+    pos = torch.arange(5)
+    out = scale_invariant_attention(q8, q8, q8, pos, pos)  # runs through the fake entry
+    want = scale_invariant_attention(q8, q8, q8, pos, pos, backend="reference")
+    assert torch.equal(out, want)
+
+
+def test_contract_backends_follow_the_protocol():
+    """Every registry entry with contract=True provides supports, forward and backward; flex has
+    no backward and is refused where the ring needs one."""
+    from scaleinv_dist import attention_backend as backends
+
+    module = backends.contract_ops("reference")
+    assert all(callable(getattr(module, f)) for f in ("supports", "forward", "backward"))
+    assert backends.resolve("auto", torch.randn(1, 1, 4, 12)) == "reference"  # CPU: any head dim
+    with pytest.raises(ValueError, match="no forward/backward contract"):
+        backends.contract_ops("flex")

@@ -32,8 +32,7 @@ def test_contiguous_positions(pos, expected):
 def test_reports_why_not_on_cpu():
     q = torch.randn(1, 2, 16, 64)
     pos = torch.arange(16)[None]
-    reason = hopper.unsupported_reason(q, q, q, pos, pos, None, None, causal=True,
-                                       transform="scale_invariant")
+    reason = hopper.supports(q, q, q, "scale_invariant", q_pos=pos, k_pos=pos, causal=True)
     assert isinstance(reason, str) and reason
 
 

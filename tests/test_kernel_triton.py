@@ -10,6 +10,8 @@ dq, dk, dv against float64 on the same inputs; absolute error of lse):
                                               per logit for these tiles (|S| < 4 here); measured
                                               ~1e-5 at the threshold
   fp16                                  5e-3  (P and the output are rounded to fp16)
+The same tolerances hold for head dims that are not powers of two (padded tiles, masked loads):
+the padding columns are exact zeros and add nothing to any dot product.
 """
 import math
 import os
@@ -261,22 +263,80 @@ def test_public_api_autograd():
         assert rel(a, b) <= 1e-4
 
 
+# ----------------------------------------------------------------------------- padded head dims
+@pytest.mark.parametrize("d", [8, 24, 48, 80, 96, 136, 192, 256])
+def test_padded_head_dims_gqa_gaps(d):
+    """Head dims on padded tiles (BLOCK_D = next power of two, at least 16), with GQA, gapped
+    positions and lengths that are not multiples of the tiles; fp32 against float64."""
+    g = torch.Generator().manual_seed(d)
+    q, k, v, do = make(20 + d, 1, 4, 2, 37, 45, d)
+    k_pos = torch.randint(1, 4, (1, 45), generator=g).cumsum(1)
+    q_pos = k_pos[:, 8:] + 1
+    compare(q, k, v, do, q_pos, k_pos, tol=1e-4)
+
+
+def test_padded_head_dim_fp16_strided_documents():
+    """D = 48 in fp16 with strided (non-contiguous) q, k, documents and a bidirectional mask."""
+    q, k, v, do = make(21, 1, 2, 1, 50, 60, 48, torch.float16)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    k = k.transpose(1, 2).contiguous().transpose(1, 2)
+    seg_q = (torch.arange(50) // 20)[None]
+    seg_k = (torch.arange(60) // 24)[None]
+    compare(q, k, v, do, arange_pos(50), arange_pos(60), seg_q, seg_k, tol=5e-3, lse_tol=5e-3,
+            causal=False)
+
+
+def test_padding_columns_are_never_written():
+    """A padded head dim reads and writes only its own D columns: dO as a view into a wider
+    buffer (row stride 32, D = 24) gives the same result and leaves the other columns alone."""
+    q, k, v, do = make(22, 1, 2, 2, 33, 33, 24)
+    pos = arange_pos(33)
+    opts = dict(scale=24 ** -0.5, tau=TAU, causal=True, transform="scale_invariant")
+    out, lse = flash_si.forward(q, k, v, pos, pos, **opts)
+    big = torch.full((1, 2, 33, 32), 1e4)
+    do_view = big[..., :24]
+    do_view.copy_(do)
+    grads = flash_si.backward(do_view, q, k, v, out, lse, pos, pos, **opts)
+    want = flash_si.backward(do, q, k, v, out, lse, pos, pos, **opts)
+    assert (big[..., 24:] == 1e4).all()
+    for a, b in zip(grads, want):
+        assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- errors, auto
 def test_errors():
+    """A named backend that cannot run the inputs says why in one line (attention_backend)."""
     q, k, v, _ = make(13, 1, 2, 2, 16, 16, 32)
-    pos = arange_pos(16)
-    opts = dict(scale=0.2, tau=TAU, causal=True, transform="scale_invariant")
-    with pytest.raises(TypeError, match="float16, bfloat16 and float32"):
-        flash_si.forward(q.double(), k.double(), v.double(), pos, pos, **opts)
-    with pytest.raises(TypeError, match="one dtype"):
-        flash_si.forward(q, k.half(), v, pos, pos, **opts)
-    q48, k48, v48, _ = make(13, 1, 2, 2, 16, 16, 48)
-    with pytest.raises(ValueError, match="head dims"):
-        flash_si.forward(q48, k48, v48, pos, pos, **opts)
+    pos = torch.arange(16)
+
+    def run(q, k, v, **kw):
+        return scale_invariant_attention(q, k, v, pos, pos, backend="triton", **kw)
+
+    with pytest.raises(ValueError, match="float16, bfloat16 and float32"):
+        run(q.double(), k.double(), v.double())
+    with pytest.raises(ValueError, match="one dtype"):
+        run(q, k.half(), v)
+    for d in (12, 264):
+        qd, kd, vd, _ = make(13, 1, 2, 2, 16, 16, d)
+        with pytest.raises(ValueError, match="head dims that are multiples of 8 up to 256"):
+            run(qd, kd, vd)
     with pytest.raises(ValueError, match="alibi_slopes"):
-        flash_si.forward(q, k, v, pos, pos, **{**opts, "transform": "alibi"})
+        run(q, k, v, transform="alibi")
     os.environ["TRITON_INTERPRET"] = "0"
     try:
         with pytest.raises(ValueError, match="CUDA"):
-            flash_si.forward(q, k, v, pos, pos, **opts)
+            run(q, k, v)
     finally:
         os.environ["TRITON_INTERPRET"] = "1"
+
+
+def test_supported_head_dims():
+    """supports() accepts exactly the multiples of 8 from 8 to 256; the registry's "triton"
+    entry is this module."""
+    from scaleinv_dist import attention_backend
+
+    assert attention_backend.contract_ops("triton") is flash_si
+    for d in range(1, 300):
+        x = torch.empty(1, 1, 1, d)
+        ok = flash_si.supports(x, x, x, "scale_invariant") is None
+        assert ok == (d % 8 == 0 and d <= 256), d
