@@ -189,7 +189,7 @@ def test_auto_takes_the_first_backend_that_supports_the_inputs(monkeypatch):
     from scaleinv_dist import attention_backend as backends
 
     fake = types.SimpleNamespace(
-        supports=lambda q, k, v, transform: None if q.shape[-1] == 8 else "only head dim 8",
+        supports=lambda q, k, v, transform, **layout: None if q.shape[-1] == 8 else "only head dim 8",
         forward=attention_reference.forward, backward=attention_reference.backward)
     real_load = backends.load
     monkeypatch.setattr(backends, "REGISTRY", {
