@@ -41,6 +41,13 @@ def test_files_and_documents_in_deterministic_sorted_order():
     assert len({t for _, t in docs}) == len(docs)  # exact duplicates dropped
 
 
+def test_similarity_text_drops_only_a_leading_comment_block():
+    code = "# Copyright 2024 X\n# Apache License\n\nimport os\n# inside\nx = 1\n"
+    assert python_corpus.similarity_text("pkg/a.py", code) == "import os\n# inside\nx = 1\n"
+    assert python_corpus.similarity_text("pkg/a.h", "/* licence\n * text\n */\nint x;\n") == "int x;\n"
+    assert python_corpus.similarity_text("pkg/README.txt", code) == code  # not code: unchanged
+
+
 def test_document_filter():
     code = "def f(x):\n    return x + 1\n" * 20
     assert python_corpus.keep_text(code)
@@ -53,8 +60,10 @@ def test_no_document_or_near_duplicate_in_both_splits(sample_cfg):
     corpus = load_corpus(sample_cfg)
     train, val = {d.name for d in corpus.train}, {d.name for d in corpus.val}
     assert train and val and not train & val and len(train) + len(val) == SAMPLE
-    texts = [d.text for d in corpus.train + corpus.val]
-    groups = near_duplicate_groups(texts)
+    assert not {d.text for d in corpus.train} & {d.text for d in corpus.val}
+    # near-duplicates as the split defines them (code compared without its leading licence block)
+    groups = near_duplicate_groups([python_corpus.similarity_text(d.name, d.text)
+                                    for d in corpus.train + corpus.val], workers=1)
     side = ["train"] * len(corpus.train) + ["val"] * len(corpus.val)
     by_group: dict[int, set] = {}
     for g, s in zip(groups, side):

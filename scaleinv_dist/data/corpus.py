@@ -298,9 +298,12 @@ def read_source(cfg: DataConfig) -> tuple[list[Document], str, dict]:
 
 def load_corpus(cfg: DataConfig) -> Corpus:
     """The configured documents split into train and validation by split.py's rule."""
+    from .python_corpus import similarity_text
+
     docs, source, info = read_source(cfg)
     texts = [d.text for d in docs]
-    train_idx, val_idx = split_groups(texts, near_duplicate_groups(texts), cfg.val_fraction)
+    groups = near_duplicate_groups([similarity_text(d.name, d.text) for d in docs])
+    train_idx, val_idx = split_groups(texts, groups, cfg.val_fraction)
     return Corpus([docs[i] for i in train_idx], [docs[i] for i in val_idx], source, info)
 
 

@@ -15,8 +15,11 @@ repository's own checkout is never a root.
 
 Documents: one file each, with a suffix in SUFFIXES, MIN_CHARS..MAX_CHARS characters, valid UTF-8,
 not data-like (mean line length <= MAX_MEAN_LINE, no line over MAX_LINE characters); files under
-__pycache__, *.dist-info, *.egg-info and hidden folders are skipped. Exact duplicates (same bytes)
-keep the first in sort order. A document's name is "<package>/<path under the package's root>";
+__pycache__, *.dist-info, *.egg-info and hidden folders are skipped, and so are the files of a
+folder with more than MAX_DIR_FILES candidates (generated code, e.g. torch's 7000 ATen/ops
+headers). Exact duplicates (same text) keep the first in sort order. Near-duplicate grouping sees
+code files without their leading comment block (similarity_text: shared licence headers would
+otherwise chain unrelated files into one giant group). A document's name is "<package>/<path under the package's root>";
 the package of a standard-library file is "stdlib", of a site file its top-level folder or module.
 Order: sorted by (package, name). Near-duplicates are grouped by near_dup.py when splitting.
 Files are read by a process pool (one process per CPU, at most 16).
@@ -36,7 +39,10 @@ MIN_CHARS = 256
 MAX_CHARS = 4_000_000
 MAX_LINE = 5_000
 MAX_MEAN_LINE = 120
+MAX_DIR_FILES = 1000  # a folder with more candidate files is generated code (e.g. ATen/ops): skipped
 SKIP_DIRS = ("__pycache__", "node_modules")
+CODE_SUFFIXES = (".py", ".pyi", ".pyx", ".pxd", ".c", ".h", ".cc", ".cpp", ".cxx", ".hpp", ".cu", ".cuh")
+_COMMENT_STARTS = ("#", "//", "/*", "*", "*/")
 SKIP_DIR_SUFFIXES = (".dist-info", ".egg-info")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -79,6 +85,8 @@ def list_files(roots: list[tuple[str, Path]] | None = None) -> list[tuple[str, s
                 dirnames[:] = []
                 continue
             dirnames[:] = sorted(d for d in dirnames if not _skip_dir(d))
+            if sum(f.endswith(SUFFIXES) for f in filenames) > MAX_DIR_FILES:
+                continue
             for f in filenames:
                 if not f.endswith(SUFFIXES):
                     continue
@@ -94,6 +102,19 @@ def list_files(roots: list[tuple[str, Path]] | None = None) -> list[tuple[str, s
                 out.append((package, rel if kind == "site" and "/" in rel else f"{package}/{rel}", str(path)))
     out.sort(key=lambda t: (t[0], t[1]))
     return out
+
+
+def similarity_text(name: str, text: str) -> str:
+    """What near-duplicate grouping compares: a code file without its leading comment block (the
+    licence header most files of a project share, which would chain unrelated files together);
+    any other document unchanged."""
+    if not name.endswith(CODE_SUFFIXES):
+        return text
+    lines = text.split("\n")
+    i = 0
+    while i < len(lines) and (not lines[i].strip() or lines[i].lstrip().startswith(_COMMENT_STARTS)):
+        i += 1
+    return "\n".join(lines[i:])
 
 
 def keep_text(text: str) -> bool:
