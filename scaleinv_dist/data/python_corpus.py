@@ -22,6 +22,10 @@ code files without their leading comment block (similarity_text: shared licence 
 otherwise chain unrelated files into one giant group). A document's name is "<package>/<path under the package's root>";
 the package of a standard-library file is "stdlib", of a site file its top-level folder or module.
 Order: sorted by (package, name). Near-duplicates are grouped by near_dup.py when splitting.
+
+The "system" source (data.path=embedded:python+system) adds the other long text a machine has
+installed: the files with those suffixes under SYSTEM_DIRS (C, C++ and CUDA headers; plain-text
+documentation), as package "system", named "system/<absolute path>".
 Files are read by a process pool (one process per CPU, at most 16).
 """
 from __future__ import annotations
@@ -39,6 +43,7 @@ MIN_CHARS = 256
 MAX_CHARS = 4_000_000
 MAX_LINE = 5_000
 MAX_MEAN_LINE = 120
+SYSTEM_DIRS = ("/usr/include", "/usr/local/include", "/usr/local/cuda/include", "/usr/share/doc")
 MAX_DIR_FILES = 1000  # a folder with more candidate files is generated code (e.g. ATen/ops): skipped
 SKIP_DIRS = ("__pycache__", "node_modules")
 CODE_SUFFIXES = (".py", ".pyi", ".pyx", ".pxd", ".c", ".h", ".cc", ".cpp", ".cxx", ".hpp", ".cu", ".cuh")
@@ -72,10 +77,26 @@ def _skip_dir(name: str) -> bool:
     return name.startswith(".") or name in SKIP_DIRS or name.endswith(SKIP_DIR_SUFFIXES)
 
 
+def system_roots() -> list[tuple[str, Path]]:
+    """[("system", directory)] of SYSTEM_DIRS that exist (C/C++/CUDA headers, documentation)."""
+    out, seen = [], set()
+    for d in SYSTEM_DIRS:
+        p = Path(d)
+        if p.is_dir() and p.resolve() not in seen:
+            seen.add(p.resolve())
+            out.append(("system", p))
+    return out
+
+
+def corpus_roots(sources: tuple[str, ...] = ("python",)) -> list[tuple[str, Path]]:
+    """The roots of the selected sources: "python" (python_roots) and/or "system" (system_roots)."""
+    return (python_roots() if "python" in sources else []) + (system_roots() if "system" in sources else [])
+
+
 def list_files(roots: list[tuple[str, Path]] | None = None) -> list[tuple[str, str, str]]:
     """[(package, name, absolute path)] of every candidate file, sorted by (package, name)."""
     roots = python_roots() if roots is None else roots
-    site_dirs = {r for _, r in roots[1:]}
+    site_dirs = {r for k, r in roots if k == "site"}
     out, seen = [], set()
     for kind, root in roots:
         for dirpath, dirnames, filenames in os.walk(root):
@@ -97,6 +118,9 @@ def list_files(roots: list[tuple[str, Path]] | None = None) -> list[tuple[str, s
                 seen.add(real)
                 rel = path.relative_to(root).as_posix()
                 top = rel.split("/", 1)[0]
+                if kind == "system":
+                    out.append(("system", f"system{root.as_posix()}/{rel}", str(path)))
+                    continue
                 package = "stdlib" if kind == "stdlib" else (top[:-len(Path(top).suffix)]
                                                              if "/" not in rel else top)
                 out.append((package, rel if kind == "site" and "/" in rel else f"{package}/{rel}", str(path)))
@@ -147,9 +171,11 @@ def _read_many(paths: list[str], workers: int) -> list[str | None]:
         return pool.map(_read, paths, chunksize=64)
 
 
-def python_documents(limit: int = 0, workers: int = 0) -> list[tuple[str, str]]:
-    """[(name, text)] of the corpus in its deterministic order; limit > 0 keeps the first `limit`."""
-    files = list_files()
+def python_documents(limit: int = 0, workers: int = 0,
+                     sources: tuple[str, ...] = ("python",)) -> list[tuple[str, str]]:
+    """[(name, text)] of the corpus in its deterministic order; limit > 0 keeps the first `limit`.
+    sources: "python" and/or "system" (see corpus_roots)."""
+    files = list_files(corpus_roots(sources))
     workers = workers or _workers()
     docs: list[tuple[str, str]] = []
     seen: set[bytes] = set()
@@ -183,6 +209,7 @@ def python_manifest(docs: list[tuple[str, str]] | None = None) -> dict:
                 dists.add((name, d.version or "", str(root)))
     info = {"python": sys.version.split()[0], "implementation": sys.implementation.name,
             "platform": sys.platform, "roots": [[k, str(r)] for k, r in roots],
+            "system_roots": [str(r) for _, r in system_roots()],
             "distributions": [{"name": n, "version": v, "root": r} for n, v, r in sorted(dists)]}
     if docs is not None:
         packages: dict[str, list[int]] = {}
@@ -197,23 +224,28 @@ def python_manifest(docs: list[tuple[str, str]] | None = None) -> dict:
 
 
 def signature() -> list:
-    """A cheap key of what python_documents() would read: interpreter, roots, distributions."""
+    """A cheap key of what python_documents() would read: interpreter, roots (system roots with
+    their entries' modification times), distributions."""
     m = python_manifest()
-    return [m["python"], m["roots"], [[d["name"], d["version"]] for d in m["distributions"]]]
+    system = [[str(r), sorted((e.name, e.stat().st_mtime_ns) for e in os.scandir(r))]
+              for _, r in system_roots()]
+    return [m["python"], m["roots"], [[d["name"], d["version"]] for d in m["distributions"]], system]
 
 
 def train_python_tokenizer(out: Path, vocab_size: int = 8192, char_cap: int = 10_000_000,
                            val_fraction: float = 0.1) -> Path:
     """Train the committed tokenizer: sentencepiece BPE (tokenizer.py's trainer settings, digits
-    split) on every k-th ~1000-character chunk of this machine's python-corpus training split, at
-    most `char_cap` characters."""
+    split) on every k-th ~1000-character chunk of this machine's python+system training split (the
+    split of data.path=embedded:python+system), at most `char_cap` characters."""
     from .cache import atomic_write_bytes
     from .near_dup import near_duplicate_groups
     from .split import split_groups
     from .tokenizer import _train, training_sentences
 
-    texts = [t for _, t in python_documents()]
-    train_idx, _ = split_groups(texts, near_duplicate_groups(texts), val_fraction)
+    docs = python_documents() + python_documents(sources=("system",))
+    texts = [t for _, t in docs]
+    groups = near_duplicate_groups([similarity_text(n, t) for n, t in docs])
+    train_idx, _ = split_groups(texts, groups, val_fraction)
     model = _train(training_sentences([texts[i] for i in train_idx], char_cap), vocab_size,
                    max(1, min(16, os.cpu_count() or 1)))
     atomic_write_bytes(Path(out), model)
