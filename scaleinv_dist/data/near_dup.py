@@ -10,8 +10,11 @@ On the embedded Shakespeare corpus the two editions of a play have Jaccard 0.48-
 different plays at most 0.28, hence the default threshold 0.38. Everything is deterministic
 (fixed hash constants, no randomness), and independent of the number of worker processes.
 Sketches are computed by a process pool for large inputs; candidate pairs (same band) are
-compared a bucket at a time with numpy, skipping buckets already inside one group (which cannot
-change the result).
+compared a bucket at a time with numpy, skipping pairs already inside one group (which cannot
+change the result). A bucket of more than BIG_BUCKET documents (shared boilerplate or generated
+files in a large code corpus) compares each member only with its first BIG_BUCKET members: the
+one approximation, which never applies to the Shakespeare corpus (its buckets are small). On the
+development machine's python corpus (27k documents) it left the grouping unchanged.
 """
 from __future__ import annotations
 

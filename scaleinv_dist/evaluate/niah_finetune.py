@@ -50,8 +50,8 @@ def finetune_on_needles(model, builder: NeedleBuilder, length: int, steps: int, 
                         progress: bool = True, lm_batches: Iterator | None = None) -> list[float]:
     """Fine-tune `model` in place; returns the per-step answer-token losses (nats/token).
 
-    lm_batches: optional iterator of data.Batch (tokens, labels, positions, doc_ids); one is added
-    to every step's loss (see the module docstring).
+    lm_batches: optional iterator of data.Batch (tokens, labels, positions, doc_ids); the first
+    batch_size rows of one are added to every step's loss (see the module docstring).
     """
     device = torch.device(device)
     model.train()
@@ -72,8 +72,9 @@ def finetune_on_needles(model, builder: NeedleBuilder, length: int, steps: int, 
             loss_sum, n = model(tokens, positions, doc_ids, labels)
         loss = loss_sum / n.clamp_min(1)
         task_loss = loss
-        if lm_batches is not None:
-            lm = next(lm_batches).to(device)
+        if lm_batches is not None:  # as many LM rows as task rows
+            lm = next(lm_batches)
+            lm = type(lm)(*(t[:batch_size] for t in (lm.tokens, lm.labels, lm.positions, lm.doc_ids))).to(device)
             with autocast(device):
                 lm_sum, lm_n = model(lm.tokens, lm.positions, lm.doc_ids, lm.labels)
             loss = loss + lm_sum / lm_n.clamp_min(1)
