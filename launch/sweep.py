@@ -106,6 +106,8 @@ def run(args) -> int:
           + (f" on GPUs {','.join(gpus)}" if gpus else ""))
     title = f"{Path(config).stem}, L = {cfg.train.seq_len}, {cfg.train.steps} steps"
     device = sweep.device_name()
+    import torch
+    torch_version = torch.__version__
     command = (" ".join(["python launch/sweep.py", *map(shlex.quote, sys.argv[1:])])
                if Path(sys.argv[0]).name == "sweep.py" else None)
     lock = threading.Lock()
@@ -117,7 +119,8 @@ def run(args) -> int:
             summary = sweep.collect(jobs, cfg.train.seq_len, multiples)
             summary.update(config=str(config), plan=args.plan, overrides=overrides, steps=cfg.train.steps,
                            data_seconds=round(data_s, 1), seconds=round(time.time() - t0, 1),
-                           device=device, command=command)
+                           device=device, command=command, parallel=parallel, torch=torch_version,
+                           date=time.strftime("%Y-%m-%d", time.gmtime(t0)))
             return sweep.write_outputs(summary, out, title)
 
     sweep.run_jobs(jobs, out / "logs", parallel=parallel, gpus=gpus, skip_existing=args.skip_existing,

@@ -14,7 +14,8 @@ compared a bucket at a time with numpy, skipping pairs already inside one group 
 change the result). A bucket of more than BIG_BUCKET documents (shared boilerplate or generated
 files in a large code corpus) compares each member only with its first BIG_BUCKET members: the
 one approximation, which never applies to the Shakespeare corpus (its buckets are small). On the
-development machine's python corpus (27k documents) it left the grouping unchanged.
+development machine's python corpus (27k documents) it gave the same number of groups (14,289)
+as comparing every pair.
 """
 from __future__ import annotations
 

@@ -154,7 +154,8 @@ def plot_needle_grids(grids: Mapping[str, dict], path: str | Path, train_len: in
     items = list(grids.items())
     cols = min(3, len(items))
     rows = -(-len(items) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False,
+                             constrained_layout=True)
     for ax in axes.ravel()[len(items):]:
         ax.axis("off")
     im = None

@@ -88,6 +88,8 @@ def section(summary: dict, manifest: dict | None, figures: dict) -> str:
     py = (manifest or {}).get("python_corpus") or {}
     lines = [SECTION_BEGIN, "",
              f"## Method sweep on the python corpus — {summary.get('device', '?')}, L = {L} (issue 17)", "",
+             f"{summary.get('date', '?')}, torch {summary.get('torch', '?')}; one run per (method, seed), "
+             f"{summary.get('parallel', '?')} at a time.", "",
              f"Corpus `{c['name']}`: {_fmt(c['train_tokens'], ',')} training / {_fmt(c['val_tokens'], ',')} "
              f"validation tokens ({c['train_docs']} / {c['val_docs']} documents) from Python "
              f"{py.get('python', '?')} and {len(py.get('distributions', []))} installed distributions "
@@ -119,9 +121,19 @@ def section(summary: dict, manifest: dict | None, figures: dict) -> str:
     needle = {k: m["needle"] for k, m in agg.items() if m["needle"]}
     if needle:
         nm = sorted({k for v in needle.values() for k in v}, key=float)
-        lines += ["Needle (passkey) accuracy after the fine-tune, mean over depths:", "",
-                  markdown_table(["method"] + [f"{k}x" for k in nm],
-                                 [[agg[k]["label"]] + [v.get(x) for x in nm] for k, v in needle.items()]),
+        ft = {}
+        for r in summary["rows"]:
+            f = (r.get("needle") or {}).get("finetune") or {}
+            if "first_loss" in f:
+                ft.setdefault(r.get("key", r["name"]), f"{f['first_loss']:.2f} → {f['last_loss']:.2f}")
+        first = next((r["needle"].get("finetune") for r in summary["rows"] if r.get("needle")), None) or {}
+        lines += [f"Needle (passkey) accuracy after a {first.get('steps', '?')}-step fine-tune at "
+                  f"{first.get('length', L)} tokens (lr {_fmt(first.get('lr'), 'g')}, LM batches mixed in: "
+                  f"{first.get('lm_mixed', '?')}), mean over depths; the answer loss (nats/token) at the "
+                  "fine-tune's first and last step:", "",
+                  markdown_table(["method", "fine-tune answer loss"] + [f"{k}x" for k in nm],
+                                 [[agg[k]["label"], ft.get(k, "-")] + [v.get(x) for x in nm]
+                                  for k, v in needle.items()]),
                   "", f"![needle heatmaps]({figures['needle']})", ""]
     far = "16" if "16" in mults else mults[-1]
     checks = paper_checks(agg, far)
