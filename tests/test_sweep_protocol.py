@@ -105,6 +105,28 @@ def test_finetune_with_lm_batches_runs_and_learns(passkey, tok):
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5  # the answer loss falls
 
 
+def test_lm_batches_continue_after_the_pretraining_windows(tmp_path):
+    from types import SimpleNamespace
+
+    from scaleinv_dist.data import TokenStore, TrainLoader
+    from scaleinv_dist.evaluate.niah_finetune import unseen_train_batches
+    from scaleinv_dist.train.checkpoint import save_state_files
+
+    store = TokenStore.from_token_lists([list(range(10 + 300 * d, 300 + 300 * d)) for d in range(8)],
+                                        vocab_size=4096)  # every window distinct
+    trained = TrainLoader(store, 32, 4, seed=7)
+    seen = {tuple(row.tolist()) for _ in range(5) for row in trained.next_batch().tokens}
+    save_state_files({"loader": trained.state_dict()}, tmp_path, "rank_00000")
+    expected = trained.next_batch()  # what pretraining would have read next
+    bundle = SimpleNamespace(train_loader=TrainLoader(store, 32, 4, seed=7))
+    got = next(unseen_train_batches(bundle, tmp_path))
+    assert torch.equal(got.tokens, expected.tokens) and torch.equal(got.labels, expected.labels)
+    assert bundle.train_loader.index == 24 and not seen & {tuple(r.tolist()) for r in got.tokens}
+    fresh = SimpleNamespace(train_loader=TrainLoader(store, 32, 4, seed=7))
+    next(unseen_train_batches(fresh, tmp_path / "no-such-checkpoint"))  # no state: from the start
+    assert fresh.train_loader.index == 4
+
+
 # ----------------------------------------------------------------------------- plans and jobs
 def test_plan_keys_checked(tmp_path):
     plan = tmp_path / "plan.yaml"
