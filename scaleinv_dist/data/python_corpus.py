@@ -19,13 +19,15 @@ __pycache__, *.dist-info, *.egg-info and hidden folders are skipped, and so are 
 folder with more than MAX_DIR_FILES candidates (generated code, e.g. torch's 7000 ATen/ops
 headers). Exact duplicates (same text) keep the first in sort order. Near-duplicate grouping sees
 code files without their leading comment block (similarity_text: shared licence headers would
-otherwise chain unrelated files into one giant group). A document's name is "<package>/<path under the package's root>";
-the package of a standard-library file is "stdlib", of a site file its top-level folder or module.
-Order: sorted by (package, name). Near-duplicates are grouped by near_dup.py when splitting.
+otherwise chain unrelated files into one giant group). A document is named by its path under its
+site directory ("torch/nn/modules/conv.py"; a top-level module "six.py" as "six/six.py"), or
+"stdlib/<path>"; its package is that first component. Order: sorted by (package, name).
+Near-duplicates are grouped by near_dup.py when splitting.
 
 The "system" source (data.path=embedded:python+system) adds the other long text a machine has
 installed: the files with those suffixes under SYSTEM_DIRS (C, C++ and CUDA headers; plain-text
 documentation), as package "system", named "system/<absolute path>".
+
 Files are read by a process pool (one process per CPU, at most 16).
 """
 from __future__ import annotations
