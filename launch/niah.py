@@ -31,6 +31,8 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, default=10, help="contexts per (depth, length) cell")
     p.add_argument("--needles", type=int, default=1,
                    help="needles per context: the scored one at the depth, the rest distractors (paper: 3)")
+    p.add_argument("--task", choices=("magic_number", "passkey"), default="magic_number",
+                   help="magic_number: city needles, 7 digits; passkey: 'The pass key is 48213. Remember it. ...'")
     p.add_argument("--mode", choices=("teacher", "generate"), default="teacher",
                    help="teacher: argmax exact match of the answer tokens; generate: greedy decoding")
     p.add_argument("--finetune-steps", type=int, default=0,
@@ -40,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--finetune-length", type=int, default=None,
                    help="fine-tune context length (default: the run's train.seq_len)")
     p.add_argument("--finetune-batch", type=int, default=8, help="contexts per fine-tune step")
+    p.add_argument("--finetune-lm", action="store_true",
+                   help="add a batch of unseen training windows to every fine-tune step (keeps the LM)")
     p.add_argument("--batch-size", type=int, default=1, help="contexts per forward when scoring")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -53,7 +57,7 @@ def run(args) -> int:
     import torch
 
     from scaleinv_dist.evaluate import common, data_access, niah, plots, report
-    from scaleinv_dist.evaluate.niah_finetune import finetune_on_needles
+    from scaleinv_dist.evaluate.niah_finetune import finetune_on_needles, unseen_train_batches
 
     run_dir = existing_run_dir(args.run)
     depths = common.parse_float_list(args.depths, "--depths", fractions=True)
@@ -72,7 +76,7 @@ def run(args) -> int:
     tokenizer = bundle.tokenizer
     bos = data_access.window_bos(bundle)
     haystack = data_access.store_tokens(bundle.val_store, max(lens) * 4)
-    builder = niah.NeedleBuilder(tokenizer, haystack, bos_id=bos, seed=args.seed)
+    builder = niah.NeedleBuilder(tokenizer, haystack, bos_id=bos, seed=args.seed, task=args.task)
     need = builder.min_length(args.needles)
     if min(lens) < need:
         raise EvalError(f"context length {min(lens)} is too short for {args.needles} needle(s) and the "
@@ -88,14 +92,16 @@ def run(args) -> int:
     if args.finetune_steps:
         # fine-tune haystacks come from the training split: the scored contexts stay unseen
         ft_hay = data_access.store_tokens(bundle.train_store, max(ft_len * 64, 1 << 20))
-        ft_builder = niah.NeedleBuilder(tokenizer, ft_hay, bos_id=bos, seed=args.seed + 1)
+        ft_builder = niah.NeedleBuilder(tokenizer, ft_hay, bos_id=bos, seed=args.seed + 1, task=args.task)
         lr = args.finetune_lr if args.finetune_lr is not None else cfg.train.lr / 10
+        lm = unseen_train_batches(bundle, ckpt) if args.finetune_lm else None
         t0 = time.time()
         losses = finetune_on_needles(model, ft_builder, ft_len, args.finetune_steps, lr,
-                                     args.finetune_batch, args.needles, device, progress=not args.quiet)
+                                     args.finetune_batch, args.needles, device, progress=not args.quiet,
+                                     lm_batches=lm)
         ft = {"steps": args.finetune_steps, "lr": lr, "batch": args.finetune_batch, "length": ft_len,
               "first_loss": losses[0], "last_loss": losses[-1], "seconds": round(time.time() - t0, 1),
-              "haystack": "train split"}
+              "haystack": "train split", "lm_mixed": bool(args.finetune_lm)}
         print(f"fine-tuned {args.finetune_steps} steps: answer loss {losses[0]:.3f} -> {losses[-1]:.3f}")
 
     t0 = time.time()
@@ -106,7 +112,7 @@ def run(args) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"run": str(run_dir), "checkpoint": str(ckpt), "step": common.checkpoint_step(ckpt),
                "train_seq_len": train_len, "transform": cfg.attention.transform,
-               "position": cfg.attention.position, "seed": args.seed, "finetune": ft,
+               "position": cfg.attention.position, "seed": args.seed, "task": args.task, "finetune": ft,
                "seconds": round(time.time() - t0, 1), **grid}
     (out_dir / "niah.json").write_text(json.dumps(payload, indent=2))
     title = (f"{run_dir.name}: {cfg.attention.transform} + {cfg.attention.position}, {args.mode}"

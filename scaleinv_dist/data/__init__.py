@@ -79,6 +79,9 @@ def source_signature(dcfg: DataConfig) -> dict:
             import sys
             import sysconfig
             sig["python"] = [sys.version, sysconfig.get_paths()["stdlib"]]
+        if {"python", "system"} & set(emb):
+            from .python_corpus import signature
+            sig["python_packages"] = signature()
     elif dcfg.path:
         sig["files"] = [_stat(p) for p in resolve_files(dcfg.path)]
     else:
@@ -129,6 +132,7 @@ def prepare_data(cfg: Config | DataConfig) -> dict:
             "train_tokens": stores["train"].n_tokens, "val_tokens": stores["val"].n_tokens,
             "train_fingerprint": fingerprint(train_texts), "val_fingerprint": fingerprint(val_texts),
             "val_names": [d.name for d in corpus.val], "signature": source_signature(dcfg),
+            **corpus.info,
         }
         atomic_write_json(mpath, manifest)
         return manifest

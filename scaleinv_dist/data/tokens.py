@@ -13,11 +13,12 @@ visible and concurrent builders of the same store cannot corrupt it (the first r
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -26,6 +27,38 @@ from .errors import DataError
 
 FORMAT_VERSION = 1
 ENCODE_BATCH_DOCS = 64
+PARALLEL_MIN_CHARS = 4_000_000  # smaller inputs are encoded in this process
+_JOB: tuple = ()  # (docs, tokenizer, dtype) shared with forked encoder processes
+
+
+def _encode_range(span: tuple[int, int]) -> list[bytes]:
+    """[bos] + ids + [eos] of _JOB's documents span[0]:span[1], each as raw token bytes."""
+    docs, tok, dtype = _JOB
+    return [np.asarray([tok.bos_id, *ids, tok.eos_id], dtype=dtype).tobytes()
+            for ids in tok.encode_batch(docs[span[0]:span[1]], num_threads=1)]
+
+
+def encoded_documents(docs: Sequence[str], tokenizer, dtype: np.dtype, workers: int = 0) -> Iterator[bytes]:
+    """Raw token bytes ([bos] + ids + [eos]) of each document, in order.
+
+    Large inputs are encoded by a pool of `workers` forked processes (0: one per CPU, at most 16),
+    ENCODE_BATCH_DOCS documents per task; the result does not depend on the number of workers.
+    """
+    global _JOB
+    workers = workers or max(1, min(16, os.cpu_count() or 1))
+    spans = [(s, min(s + ENCODE_BATCH_DOCS, len(docs))) for s in range(0, len(docs), ENCODE_BATCH_DOCS)]
+    _JOB = (docs, tokenizer, dtype)
+    try:
+        if workers <= 1 or sum(len(d) for d in docs) < PARALLEL_MIN_CHARS or "fork" not in \
+                multiprocessing.get_all_start_methods():
+            for span in spans:
+                yield from _encode_range(span)
+            return
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            for part in pool.imap(_encode_range, spans, chunksize=4):
+                yield from part
+    finally:
+        _JOB = ()
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -97,10 +130,11 @@ class TokenStore:
     # -- disk
     @classmethod
     def build(cls, docs: Sequence[str], tokenizer, path: str | Path,
-              names: Sequence[str] | None = None) -> "TokenStore":
+              names: Sequence[str] | None = None, workers: int = 0) -> "TokenStore":
         """Tokenise `docs` into a store at `path` (a directory), atomically; returns the opened store.
 
         If `path` already holds a complete store (e.g. another process built it) it is opened instead.
+        workers: encoder processes for large inputs (encoded_documents; 0 = one per CPU, at most 16).
         """
         path = Path(path)
         if (path / "meta.json").is_file():
@@ -111,12 +145,9 @@ class TokenStore:
         try:
             offsets = [0]
             with open(tmp / "tokens.bin", "wb") as f:
-                for start in range(0, len(docs), ENCODE_BATCH_DOCS):
-                    batch = docs[start:start + ENCODE_BATCH_DOCS]
-                    for ids in tokenizer.encode_batch(batch):
-                        arr = np.asarray([tokenizer.bos_id, *ids, tokenizer.eos_id], dtype=dtype)
-                        f.write(arr.tobytes())
-                        offsets.append(offsets[-1] + len(arr))
+                for raw in encoded_documents(docs, tokenizer, dtype, workers):
+                    f.write(raw)
+                    offsets.append(offsets[-1] + len(raw) // dtype.itemsize)
                 f.flush()
                 os.fsync(f.fileno())
             np.save(tmp / "offsets.npy", np.asarray(offsets, dtype=np.int64), allow_pickle=False)

@@ -1,6 +1,14 @@
 """Needle-in-a-haystack: build needle contexts from validation text and score retrieval.
 
-A needle is the sentence "The special magic <city> number is <7-digit number>." inserted into
+Two tasks (NeedleBuilder(task=...)):
+  magic_number (default)  the needle below, 7-digit values, optional distractor needles;
+  passkey                 "The pass key is 48213. Remember it. 48213 is the pass key." with a
+                          5-digit key, one needle per context, and the question
+                          "What is the pass key? The pass key is" + " 48213".
+With a tokenizer that splits numbers into digits (sentencepiece split_digits), a value is one
+token per digit.
+
+A magic-number needle is the sentence "The special magic <city> number is <7-digit number>." inserted into
 haystack text (validation tokens) at a requested depth: the fraction of the haystack region that
 precedes the needle's first token (0 = at the start, 1 = right before the question). Needles go
 at sentence boundaries of the tokenized haystack when one is close (within 2% of the context),
@@ -40,11 +48,20 @@ CITIES = (
 SENTENCE_END = (".", "!", "?", ";", ":", "\n")
 
 
-def needle_text(key: str, value: str) -> str:
+TASKS = ("magic_number", "passkey")
+VALUE_DIGITS = {"magic_number": 7, "passkey": 5}
+PASSKEY = "pass key"  # the passkey task's only key
+
+
+def needle_text(key: str, value: str, task: str = "magic_number") -> str:
+    if task == "passkey":
+        return f"The {PASSKEY} is {value}. Remember it. {value} is the {PASSKEY}."
     return f"The special magic {key} number is {value}."
 
 
-def question_text(key: str) -> str:
+def question_text(key: str, task: str = "magic_number") -> str:
+    if task == "passkey":
+        return f"What is the {PASSKEY}? The {PASSKEY} is"
     return f"What is the special magic {key} number? The special magic {key} number is"
 
 
@@ -85,10 +102,14 @@ class NeedleBuilder:
 
     haystack: concatenated validation documents' token ids (read cyclically when a context needs
     more than there is). bos_id: prepended when not None (match how windows were trained).
+    task: "magic_number" or "passkey" (see the module docstring).
     """
 
     def __init__(self, tokenizer, haystack: np.ndarray | Sequence[int], *, bos_id: int | None = None,
-                 seed: int = 0, snap_fraction: float = 0.02):
+                 seed: int = 0, snap_fraction: float = 0.02, task: str = "magic_number"):
+        if task not in TASKS:
+            raise ValueError(f"unknown needle task {task!r}; choose from {', '.join(TASKS)}")
+        self.task = task
         self.tok = tokenizer
         self.haystack = np.asarray(haystack, dtype=np.int64).reshape(-1)
         if self.haystack.size < 16:
@@ -109,12 +130,12 @@ class NeedleBuilder:
 
     def needle_tokens(self, key: str, value: str) -> list[int]:
         """The needle sentence with a leading space (it follows a sentence end in running text)."""
-        return self._encode(" " + needle_text(key, value))
+        return self._encode(" " + needle_text(key, value, self.task))
 
     def question_and_answer(self, key: str, value: str) -> tuple[list[int], list[int]]:
         """Question and answer tokens; together they encode ' ' + question + ' ' + value."""
-        q = self._encode(" " + question_text(key))
-        full = self._encode(" " + question_text(key) + " " + value)
+        q = self._encode(" " + question_text(key, self.task))
+        full = self._encode(" " + question_text(key, self.task) + " " + value)
         if full[:len(q)] == q and len(full) > len(q):
             return q, full[len(q):]
         return q, self._encode(value)
@@ -122,13 +143,16 @@ class NeedleBuilder:
     def min_length(self, n_needles: int = 1) -> int:
         """A context length that fits n_needles needles, the question and a little haystack
         (computed with the longest city name, so every key fits)."""
-        key = max(CITIES, key=lambda c: len(self._encode(" " + needle_text(c, "9999999"))))
-        q, a = self.question_and_answer(key, "9999999")
+        nines = "9" * VALUE_DIGITS[self.task]
+        key = max(CITIES, key=lambda c: len(self.needle_tokens(c, nines)))
+        q, a = self.question_and_answer(key, nines)
         head = 0 if self.bos_id is None else 1
-        return head + n_needles * len(self.needle_tokens(key, "9999999")) + len(q) + len(a) + 8
+        return head + n_needles * len(self.needle_tokens(key, nines)) + len(q) + len(a) + 8
 
     def random_value(self) -> str:
-        return str(int(self.rng.integers(1_000_000, 10_000_000)))
+        """A value of VALUE_DIGITS[task] digits, the first not 0."""
+        k = VALUE_DIGITS[self.task]
+        return str(int(self.rng.integers(10 ** (k - 1), 10 ** k)))
 
     def _haystack_slice(self, n: int) -> np.ndarray:
         start = int(self.rng.integers(0, self.haystack.size))
@@ -151,8 +175,10 @@ class NeedleBuilder:
         """One example of exactly `length` tokens with the scored needle at `depth` in [0, 1]."""
         if not 0.0 <= depth <= 1.0:
             raise ValueError(f"needle depth must be in [0, 1], got {depth}")
+        if self.task == "passkey" and n_needles != 1:
+            raise ValueError("the passkey task has one needle per context (n_needles=1)")
         keys = list(self.rng.choice(len(CITIES), size=min(n_needles, len(CITIES)), replace=False))
-        keys = [CITIES[i] for i in keys]
+        keys = [PASSKEY] if self.task == "passkey" else [CITIES[i] for i in keys]
         if key is not None:
             keys = [key] + [k for k in keys if k != key][:n_needles - 1]
         values = [value or self.random_value()] + [self.random_value() for _ in keys[1:]]

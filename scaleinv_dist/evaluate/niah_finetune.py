@@ -3,10 +3,16 @@
 Contexts of the training length with needles at uniformly random depths; the loss is on the answer
 tokens only. Plain torch AdamW in this process, schedule warmup / constant / linear decay in thirds
 (the paper: 100 / 100 / 100 of 300 steps). The model is changed in place.
+
+Optionally each step also takes one batch of ordinary language-model windows (`lm_batches`, e.g.
+the training loader continued past the windows pretraining consumed, so no token repeats) and
+minimises the sum of both mean losses: the model keeps its language modelling while it learns
+the task.
 """
 from __future__ import annotations
 
 import math
+from typing import Iterator
 
 import torch
 
@@ -42,8 +48,12 @@ def lr_factor(step: int, steps: int) -> float:
 def finetune_on_needles(model, builder: NeedleBuilder, length: int, steps: int, lr: float,
                         batch_size: int = 8, n_needles: int = 1, device="cpu",
                         weight_decay: float = 0.0, grad_clip: float = 1.0,
-                        progress: bool = True) -> list[float]:
-    """Fine-tune `model` in place; returns the per-step answer-token losses (nats/token)."""
+                        progress: bool = True, lm_batches: Iterator | None = None) -> list[float]:
+    """Fine-tune `model` in place; returns the per-step answer-token losses (nats/token).
+
+    lm_batches: optional iterator of data.Batch (tokens, labels, positions, doc_ids); the first
+    batch_size rows of one are added to every step's loss (see the module docstring).
+    """
     device = torch.device(device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -62,15 +72,41 @@ def finetune_on_needles(model, builder: NeedleBuilder, length: int, steps: int, 
         with autocast(device):
             loss_sum, n = model(tokens, positions, doc_ids, labels)
         loss = loss_sum / n.clamp_min(1)
+        task_loss = loss
+        if lm_batches is not None:  # as many LM rows as task rows
+            lm = next(lm_batches)
+            lm = type(lm)(*(t[:batch_size] for t in (lm.tokens, lm.labels, lm.positions, lm.doc_ids))).to(device)
+            with autocast(device):
+                lm_sum, lm_n = model(lm.tokens, lm.positions, lm.doc_ids, lm.labels)
+            loss = loss + lm_sum / lm_n.clamp_min(1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()
         sched.step()
-        value = float(loss.detach())
+        value = float(task_loss.detach())
         losses.append(value if math.isfinite(value) else float("nan"))
         if progress and hasattr(it, "set_postfix"):
             it.set_postfix(loss=f"{value:.3f}")
     model.eval()
     return losses
+
+
+def unseen_train_batches(bundle, checkpoint) -> Iterator:
+    """The run's training loader (bundle.train_loader) continued from where pretraining stopped at
+    `checkpoint` (its rank-0 loader state), so the fine-tune's LM batches are tokens the model has
+    not seen; from the start of the order when the checkpoint has no loader state."""
+    from pathlib import Path
+
+    from ..train.checkpoint import load_state_files
+
+    loader = bundle.train_loader
+    try:
+        state = load_state_files(Path(checkpoint), "rank_00000").get("loader")
+    except Exception:  # an exported or foreign checkpoint: no data state
+        state = None
+    if state and [state.get(k) for k in ("n_windows", "seq_len", "dp_size")] == [
+            loader.n_windows, loader.seq_len, loader.dp_size]:
+        loader.epoch, loader.index = int(state["epoch"]), int(state["index"])
+    return iter(loader)

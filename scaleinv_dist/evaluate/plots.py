@@ -90,3 +90,90 @@ def plot_methods(rows: Sequence[dict], train_len: int | None, path: str | Path, 
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def plot_method_means(agg: Mapping[str, dict], train_len: int, path: str | Path, title: str = "") -> Path:
+    """Mean loss over seeds against context length, one line per method, error bars = sample std
+    (agg: evaluate.sweep.aggregate's output; its multiples are keyed as strings)."""
+    fig, ax = plt.subplots(figsize=(6.8, 4.4))
+    for m in agg.values():
+        pts = sorted((float(k) * train_len, v, m["std"].get(k) or 0.0) for k, v in m["mean"].items()
+                     if v is not None)
+        if pts:
+            n = len(m["seeds"])
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
+                        capsize=3, label=m["label"] + (f" ({n} seeds)" if n > 1 else ""))
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+    _mark_train(ax, train_len)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "validation loss vs context length", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_bucket_curves(rows: Sequence[dict], length: int, train_len: int, path: str | Path,
+                       title: str = "") -> Path:
+    """Loss by log-spaced position bucket at one evaluation length, one line per method (buckets
+    summed over the method's seeds). rows: sweep rows with "buckets": {str(length): [...]}."""
+    fig, ax = plt.subplots(figsize=(6.8, 4.4))
+    by_method: dict[str, dict] = {}
+    for r in rows:
+        bs = (r.get("buckets") or {}).get(str(length))
+        if not bs:
+            continue
+        acc = by_method.setdefault(r["method"], {})
+        for x in bs:
+            s = acc.setdefault((x["lo"], x["hi"]), [0.0, 0])
+            s[0] += x["loss_sum"]
+            s[1] += x["count"]
+    for label, acc in by_method.items():
+        pts = sorted((max(0.5, (lo * max(hi - 1, 1)) ** 0.5) if lo else 0.5, s / c)
+                     for (lo, hi), (s, c) in acc.items() if c > 0)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("position in window (tokens of context)")
+    ax.set_ylabel("loss (nats/token)")
+    ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+    _mark_train(ax, train_len)
+    ax.legend(fontsize=8)
+    ax.set_title(title or f"loss by position bucket at context length {length}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_needle_grids(grids: Mapping[str, dict], path: str | Path, train_len: int | None = None,
+                      title: str = "") -> Path:
+    """Depth x length needle accuracy heatmaps side by side, one panel per method ({label: grid})."""
+    items = list(grids.items())
+    cols = min(3, len(items))
+    rows = -(-len(items) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False,
+                             constrained_layout=True)
+    for ax in axes.ravel()[len(items):]:
+        ax.axis("off")
+    im = None
+    for ax, (label, g) in zip(axes.ravel(), items):
+        acc, depths, lengths = g["accuracy"], g["depths"], g["lengths"]
+        im = ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(lengths)), [f"{L}" + ("*" if L == train_len else "") for L in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths])
+        for i in range(len(depths)):
+            for j in range(len(lengths)):
+                ax.text(j, i, f"{acc[i][j]:.2f}", ha="center", va="center", fontsize=7)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("context length (* = training length)", fontsize=8)
+        ax.set_ylabel("needle depth", fontsize=8)
+    if im is not None:
+        fig.colorbar(im, ax=axes.ravel().tolist(), label="accuracy", shrink=0.8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
