@@ -4,7 +4,7 @@
     python launch/sweep.py --config configs/tiny.yaml --out runs/sweep
     python launch/sweep.py --config configs/tiny.yaml --out runs/sweep --methods si_p_rope,rope --steps 50
     python launch/sweep.py --config configs/tiny.yaml --out runs/sweep --gpus 0,1,2,3   # 4 at once
-    python launch/sweep.py --plan configs/sweep-python.yaml --out runs/sweep-python     # seeds + needle
+    python launch/sweep.py --plan configs/sweeps/python.yaml --out runs/sweep-python     # seeds + needle
     python launch/sweep.py --publish runs/sweep-python --docs docs     # RESULTS.md section, reproduction.json
 
 A plan (YAML) holds the sweep's own settings: config, methods, seeds ({method: [seeds]}), steps,
@@ -33,7 +33,7 @@ from scaleinv_dist.evaluate.errors import EvalError  # noqa: E402
 
 def parse_args(argv=None):
     p = ArgumentParser(__doc__)
-    p.add_argument("--plan", help="a sweep plan (YAML, e.g. configs/sweep-python.yaml)")
+    p.add_argument("--plan", help="a sweep plan (YAML, e.g. configs/sweeps/python.yaml)")
     p.add_argument("--publish", metavar="SWEEP_DIR",
                    help="write the results of a finished sweep folder into --docs, and exit")
     p.add_argument("--docs", default="docs", help="with --publish: the docs folder (default docs)")

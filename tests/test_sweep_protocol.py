@@ -136,7 +136,7 @@ def test_plan_keys_checked(tmp_path):
     plan.write_text("needle: {finetune_step: 3}\n")
     with pytest.raises(EvalError, match="finetune_steps"):
         sweep.load_plan(str(plan))
-    assert sweep.load_plan(str(ROOT / "configs" / "sweep-python.yaml"))["seeds"]["rope"] == [1234, 1235]
+    assert sweep.load_plan(str(ROOT / "configs" / "sweeps" / "python.yaml"))["seeds"]["rope"] == [1234, 1235]
 
 
 def test_jobs_per_seed_and_needle_on_first_seed(tmp_path):
@@ -230,7 +230,7 @@ def test_smoke_sweep_plan_end_to_end(tmp_path):
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
            "SCALEINV_CACHE": os.environ.get("SCALEINV_CACHE") or str(tmp_path / "cache"),
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "launch/sweep.py", "--plan", "configs/sweep-python-smoke.yaml",
+    proc = subprocess.run([sys.executable, "launch/sweep.py", "--plan", "configs/sweeps/python-smoke.yaml",
                            "--out", str(out), "--methods", "si_p_rope"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
