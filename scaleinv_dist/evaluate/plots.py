@@ -72,13 +72,8 @@ def plot_needle_heatmap(grid: dict, path: str | Path, train_len: int | None = No
     return Path(path)
 
 
-def plot_methods(rows: Sequence[dict], train_len: int | None, path: str | Path, title: str = "") -> Path:
-    """Loss against context length, one line per method (rows: {"method", "losses": {L: loss}})."""
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for row in rows:
-        pts = sorted((int(L), v) for L, v in row["losses"].items() if v is not None)
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=row["method"])
+def _save_loss_vs_length(fig, ax, train_len: int | None, path: str | Path, title: str) -> Path:
+    """Axes of a loss-against-context-length plot (log2 x, the training length marked), saved."""
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("validation loss (nats/token)")
@@ -90,6 +85,16 @@ def plot_methods(rows: Sequence[dict], train_len: int | None, path: str | Path, 
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def plot_methods(rows: Sequence[dict], train_len: int | None, path: str | Path, title: str = "") -> Path:
+    """Loss against context length, one line per method (rows: {"method", "losses": {L: loss}})."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for row in rows:
+        pts = sorted((int(L), v) for L, v in row["losses"].items() if v is not None)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=row["method"])
+    return _save_loss_vs_length(fig, ax, train_len, path, title)
 
 
 def plot_method_means(agg: Mapping[str, dict], train_len: int, path: str | Path, title: str = "") -> Path:
@@ -103,17 +108,7 @@ def plot_method_means(agg: Mapping[str, dict], train_len: int, path: str | Path,
             n = len(m["seeds"])
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
                         capsize=3, label=m["label"] + (f" ({n} seeds)" if n > 1 else ""))
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.ticklabel_format(axis="y", useOffset=False, style="plain")
-    _mark_train(ax, train_len)
-    ax.legend(fontsize=8)
-    ax.set_title(title or "validation loss vs context length", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save_loss_vs_length(fig, ax, train_len, path, title)
 
 
 def plot_bucket_curves(rows: Sequence[dict], length: int, train_len: int, path: str | Path,
