@@ -21,3 +21,8 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
 def cuda_missing(device: torch.device) -> bool:
     """True when `device` is a CUDA device and no CUDA GPU is visible."""
     return device.type == "cuda" and not torch.cuda.is_available()
+
+
+def computes_in_bf16(dtype: str, device_type: str) -> bool:
+    """run.dtype on a device type: bfloat16, or auto on CUDA (bf16 autocast over fp32 parameters)."""
+    return dtype == "bfloat16" or (dtype == "auto" and device_type == "cuda")

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError
-from ..device import cuda_missing, resolve_device
+from ..device import computes_in_bf16, cuda_missing, resolve_device
 
 DEFAULT_EXTENSIONS_DIR = Path.home() / ".cache" / "scaleinv_dist" / "torch_extensions"
 
@@ -57,7 +57,7 @@ def use_cuda(cfg) -> bool:
 
 
 def use_bf16(cfg) -> bool:
-    return cfg.run.dtype == "bfloat16" or (cfg.run.dtype == "auto" and use_cuda(cfg))
+    return computes_in_bf16(cfg.run.dtype, "cuda" if use_cuda(cfg) else "cpu")
 
 
 def free_port() -> int:
