@@ -54,6 +54,26 @@ def test_tokens_per_device_follow_micro_batch_and_context_parallelism():
     assert one == same
 
 
+# peaks recorded in benchmarks/RESULTS.md (configs/paper-162m.yaml, vocabulary 50304, AdamW, H100 80GB):
+# (sequence length, sequences, context-parallel GPUs, mode, peak GiB)
+MEASURED = [(4096, 16, 1, "selective", 21.1), (16384, 4, 1, "selective", 21.7),
+            (65536, 1, 1, "selective", 21.7), (524288, 1, 1, "full", 52.6),
+            (1 << 20, 1, 1, "offload", 69.7), (262144, 1, 1, "offload", 26.1),
+            (1 << 20, 1, 4, "full", 32.1)]
+
+
+@pytest.mark.parametrize("length,seqs,cp,mode,peak_gib", MEASURED)
+def test_estimate_bounds_each_recorded_peak_within_30_percent(length, seqs, cp, mode, peak_gib):
+    cfg = paper_162m(f"train.micro_batch_size={seqs}", "train.optimizer=adamw",
+                     f"parallel.context_parallel_size={cp}")
+    estimate = estimate_peak(cfg, 50304, True, length)[mode].device / 2**30
+    assert peak_gib <= estimate <= 1.3 * peak_gib
+
+
+def test_full_at_1m_tokens_does_not_fit_an_80gb_card():  # recorded: out of memory
+    assert estimate_peak(paper_162m("train.optimizer=adamw"), 50304, True, 1 << 20)["full"].device > H100
+
+
 # the formula's choice (docs/training.md's table): none while it fits, then the least recompute
 @pytest.mark.parametrize("length,expected", [(4096, "none"), (65536, "none"), (262144, "selective"),
                                              (1 << 20, "offload"), (1 << 21, "offload")])
