@@ -215,7 +215,10 @@ class GPT(nn.Module):
         """none | selective (recompute the MLPs) | full (recompute whole blocks) | offload (full,
         with each block's input kept in pinned host memory until its backward, and the MLPs
         recomputed once more inside the block's backward: the longest sequences). `auto` is resolved
-        before this call (auto_checkpointing)."""
+        before this call (resolve_auto_checkpointing)."""
+        if mode not in memory.MODES:
+            raise ValueError(f"activation checkpointing mode {mode!r}: choose one of "
+                             f"{', '.join(memory.MODES)} (resolve auto with resolve_auto_checkpointing)")
         self.activation_checkpointing = mode
         self.checkpoint_blocks = mode in ("full", "offload")
         self.offload_checkpoints = mode == "offload"
@@ -289,7 +292,7 @@ def compile_wanted(cfg, device) -> bool:
             and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
 
 
-def auto_checkpointing(cfg, vocab_size: int, device) -> str:
+def resolve_auto_checkpointing(cfg, vocab_size: int, device) -> str:
     """train.activation_checkpointing=auto as a mode: without a training device (evaluation, export,
     generation build models that never train) `none`; else the cheapest mode whose estimated peak
     memory fits the device (scaleinv_dist.memory), with one line saying why, printed by rank 0."""
@@ -312,7 +315,7 @@ def build_model(cfg, vocab_size: int | None = None, device=None) -> GPT:
     model = GPT(mcfg, cfg.attention, cfg.train.seq_len, cfg.train.loss_chunk_tokens)
     mode = cfg.train.activation_checkpointing
     model.set_activation_checkpointing(
-        auto_checkpointing(cfg, mcfg.vocab_size, device) if mode == "auto" else mode)
+        resolve_auto_checkpointing(cfg, mcfg.vocab_size, device) if mode == "auto" else mode)
     if device is not None and compile_wanted(cfg, device):
         compile_model(model)
     return model

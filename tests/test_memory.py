@@ -121,6 +121,12 @@ def test_auto_at_build(capsys, monkeypatch):
     assert capsys.readouterr().out == ""
 
 
+def test_the_model_takes_only_resolved_modes():
+    model = build_model(load_config(None, ["model.vocab_size=97"]))
+    with pytest.raises(ValueError, match="resolve auto"):
+        model.set_activation_checkpointing("auto")
+
+
 def test_unknown_mode_is_a_one_line_config_error():
     with pytest.raises(ConfigError) as err:
         load_config(None, ["train.activation_checkpointing=autoo"])
