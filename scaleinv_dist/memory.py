@@ -66,7 +66,8 @@ def per_token_bytes(mcfg, bf16: bool) -> dict[str, float]:
     hd = mcfg.head_dim or d // h
     f = int(mcfg.mlp_ratio * d)
     e, r = (2 if bf16 else 4), 4
-    s_none = 2 * r * d + 2 * e * d + e * (h + k) * hd + e * (h + 2 * k) * hd + 2 * e * h * hd + 4 * h + 2 * e * f
+    s_none = (2 * r * d + 2 * e * d + e * (h + k) * hd + e * (h + 2 * k) * hd + 2 * e * h * hd + 4 * h
+              + 2 * e * f)
     return dict(S_none=s_none, S_sel=s_none - e * d - 2 * e * f, R=r * d,
                 G=2 * r * d + 4 * (h + 2 * k) * hd + e * h * hd, E=3 * r * d + e * d + 4 * hd + 32)
 
