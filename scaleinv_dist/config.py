@@ -86,7 +86,7 @@ class TrainConfig:
     cooldown_fraction: float = 0.3  # wsd: final fraction of steps decaying linearly to min_lr
     min_lr_ratio: float = 0.1
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
-    activation_checkpointing: str = "none"  # none | selective | full | offload
+    activation_checkpointing: str = "none"  # none | selective | full | offload | auto (memory.py)
     loss_chunk_tokens: int = 8192  # cross-entropy chunk; full logits are never materialised
     compile: bool = False  # torch.compile the blocks around the attention call (CUDA only; off
     #                        until measured on a GPU, docs/training.md)
@@ -133,7 +133,7 @@ CHOICES = {
     "attention.backend": ("auto", "hopper", "triton", "flex", "reference"),
     "train.optimizer": ("adamw", "muon"),
     "train.schedule": ("cosine", "wsd", "constant"),
-    "train.activation_checkpointing": ("none", "full", "selective", "offload"),
+    "train.activation_checkpointing": ("none", "full", "selective", "offload", "auto"),
     "train.nan_policy": ("stop", "skip"),
 }
 

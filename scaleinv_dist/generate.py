@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 import torch
 
 from .attention import scale_invariant_attention
+from .device import resolve_device
 from .model import GPT, apply_rotary, rms_norm, rotary_tables
 from .run_dir import IncompatibleCheckpointError, load_trained_model  # noqa: F401 (re-exported)
 
@@ -40,12 +41,6 @@ class GenerationError(ValueError):
 
 
 # ----------------------------------------------------------------------------- loading
-def default_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def default_dtype(device: torch.device) -> torch.dtype:
     """bf16 on GPU, fp32 on CPU."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -66,7 +61,7 @@ def load_model(run_dir: str | Path, checkpoint: str | Path | None = None, *, dev
     config), then parameters cast to dtype: default bf16 on CUDA, fp32 on CPU.
     """
     model, cfg, folder = load_trained_model(run_dir, checkpoint, overrides)
-    device = default_device(device)
+    device = resolve_device(device)
     cast_parameters(model, dtype or default_dtype(device))
     return model.to(device).eval(), cfg, folder
 

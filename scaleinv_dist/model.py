@@ -25,8 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import memory
 from .attention import scale_invariant_attention
 from .config import AttentionConfig, ModelConfig
+from .device import computes_in_bf16
 from .loss import chunked_cross_entropy
 from .transform import alibi_slopes
 
@@ -186,6 +188,7 @@ class GPT(nn.Module):
         self.inv_freq = rotary_inv_freq(head_dim, attn)
         slopes = alibi_slopes(cfg.n_head) if attn.position == "alibi" else None
         self.register_buffer("alibi_slopes", slopes, persistent=False)
+        self.activation_checkpointing = "none"  # the mode in force (never "auto")
         self.checkpoint_blocks = False  # "full" / "offload" activation checkpointing
         self.offload_checkpoints = False  # "offload": block inputs wait in host memory
         self.attend: Attend = self.local_attend
@@ -211,7 +214,12 @@ class GPT(nn.Module):
     def set_activation_checkpointing(self, mode: str) -> None:
         """none | selective (recompute the MLPs) | full (recompute whole blocks) | offload (full,
         with each block's input kept in pinned host memory until its backward, and the MLPs
-        recomputed once more inside the block's backward: the longest sequences)."""
+        recomputed once more inside the block's backward: the longest sequences). `auto` is resolved
+        before this call (resolve_auto_checkpointing)."""
+        if mode not in memory.MODES:
+            raise ValueError(f"activation checkpointing mode {mode!r}: choose one of "
+                             f"{', '.join(memory.MODES)} (resolve auto with resolve_auto_checkpointing)")
+        self.activation_checkpointing = mode
         self.checkpoint_blocks = mode in ("full", "offload")
         self.offload_checkpoints = mode == "offload"
         for block in self.blocks:
@@ -284,15 +292,30 @@ def compile_wanted(cfg, device) -> bool:
             and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
 
 
+def resolve_auto_checkpointing(cfg, vocab_size: int, device) -> str:
+    """train.activation_checkpointing=auto as a mode: without a training device (evaluation, export,
+    generation build models that never train) `none`; else the cheapest mode whose estimated peak
+    memory fits the device (scaleinv_dist.memory), with one line saying why, printed by rank 0."""
+    if device is None:
+        return "none"
+    bf16 = computes_in_bf16(cfg.run.dtype, torch.device(device).type)
+    mode, reason = memory.auto_checkpointing(cfg, vocab_size, device, bf16)
+    if os.environ.get("RANK", "0") == "0":
+        print(reason, flush=True)
+    return mode
+
+
 def build_model(cfg, vocab_size: int | None = None, device=None) -> GPT:
     """A GPT from a full Config; vocab_size fills model.vocab_size when that is 0. With the device
     it will train on, the blocks are compiled when compile_wanted (compilation itself happens at the
-    first forward)."""
+    first forward) and train.activation_checkpointing=auto picks its mode (else `none`)."""
     mcfg = cfg.model
     if vocab_size is not None and mcfg.vocab_size == 0:
         mcfg = type(mcfg)(**{**mcfg.__dict__, "vocab_size": vocab_size})
     model = GPT(mcfg, cfg.attention, cfg.train.seq_len, cfg.train.loss_chunk_tokens)
-    model.set_activation_checkpointing(cfg.train.activation_checkpointing)
+    mode = cfg.train.activation_checkpointing
+    model.set_activation_checkpointing(
+        resolve_auto_checkpointing(cfg, mcfg.vocab_size, device) if mode == "auto" else mode)
     if device is not None and compile_wanted(cfg, device):
         compile_model(model)
     return model

@@ -18,6 +18,7 @@ import torch
 
 from scaleinv_dist.config import load_config
 from scaleinv_dist.model import build_model, compile_model, compile_wanted
+from tiny_runs import packed_batch
 
 V, B, N, D_MODEL = 97, 2, 24, 32
 TOL = 1e-5
@@ -30,15 +31,7 @@ def small_cfg(*overrides):
 
 
 def batch(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, V, (B, N), generator=g)
-    labels = torch.randint(0, V, (B, N), generator=g)
-    labels[:, -1] = -100
-    positions = torch.arange(N).repeat(B, 1)
-    doc_ids = torch.zeros(B, N, dtype=torch.long)
-    doc_ids[1, N // 2:] = 1  # two packed documents in the second row
-    positions[1, N // 2:] -= N // 2
-    return tokens, positions, doc_ids, labels
+    return packed_batch(V, B, N, seed)
 
 
 def rel(a, b):

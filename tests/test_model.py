@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from scaleinv_dist.config import load_config
 from scaleinv_dist.loss import chunked_cross_entropy
 from scaleinv_dist.model import apply_rotary, build_model, rotary_inv_freq, rotary_tables
+from tiny_runs import packed_batch
 
 V, B, N = 97, 2, 24
 
@@ -20,16 +21,7 @@ def small_cfg(*overrides):
 
 
 def batch(seed=0, docs=True):
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, V, (B, N), generator=g)
-    labels = torch.randint(0, V, (B, N), generator=g)
-    labels[:, -1] = -100
-    positions = torch.arange(N).repeat(B, 1)
-    doc_ids = torch.zeros(B, N, dtype=torch.long)
-    if docs:  # two packed documents in the second row, positions restart
-        doc_ids[1, N // 2:] = 1
-        positions[1, N // 2:] -= N // 2
-    return tokens, positions, doc_ids, labels
+    return packed_batch(V, B, N, seed, docs)
 
 
 def rel(a, b):

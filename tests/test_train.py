@@ -294,10 +294,13 @@ def test_resume_on_two_ranks_gives_the_same_losses(tmp_path, train_env):
 def test_bf16_mixed_precision_trains_with_fp32_weights(tmp_path, train_env):
     """run.dtype=bfloat16, the mode every GPU run takes: DeepSpeed torch_autocast (bf16 compute)
     over fp32 weights with ZeRO 0 and the client optimizer. DeepSpeed's own "bf16" mode refused
-    exactly this (bf16 weights with fp32 gradient accumulation needs ZeRO >= 1)."""
+    exactly this (bf16 weights with fp32 gradient accumulation needs ZeRO >= 1). With
+    train.activation_checkpointing=auto, which on CPU picks `none` for the tiny model and says so."""
     out = tmp_path / "bf16"
-    r = torchrun(1, ["train.steps=3", "run.dtype=bfloat16", f"run.out_dir={out}"], train_env)
+    r = torchrun(1, ["train.steps=3", "run.dtype=bfloat16", f"run.out_dir={out}",
+                     "train.activation_checkpointing=auto"], train_env)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("train.activation_checkpointing=auto -> none (the least recompute that fits)") == 1
     losses = step_losses(out)
     assert sorted(losses) == [1, 2, 3] and all(math.isfinite(x) for x in losses.values())
     model, _, _ = load_trained_model(out)

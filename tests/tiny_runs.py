@@ -1,10 +1,12 @@
-"""Tiny random-init models and hand-made run directories for the generation and export tests."""
+"""Tiny random-init models, a packed token batch and hand-made run directories for the model,
+compile, generation and export tests."""
 import io
 from pathlib import Path
 
 import torch
 
 from scaleinv_dist.config import load_config, save_config
+from scaleinv_dist.loss import IGNORE_INDEX
 from scaleinv_dist.model import build_model
 from scaleinv_dist.run_dir import save_weights, write_manifest
 
@@ -14,6 +16,21 @@ SCHEMES = [("p_rope", "scale_invariant"), ("rope", "none"), ("nope", "none"), ("
            ("p_rope", "logn")]
 TEXT = ["The quick brown fox jumps over the lazy dog.", "Scale invariant attention keeps long context sharp.",
         "Once upon a time there was a tiny language model.", "Hello world, this is a small corpus."] * 40
+
+
+def packed_batch(vocab: int, rows: int, n: int, seed: int = 0, docs: bool = True):
+    """(tokens, positions, doc_ids, labels), each (rows, n), random tokens and labels below vocab, the
+    last label of each row ignored. docs: the second row packs two documents (positions restart)."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (rows, n), generator=g)
+    labels = torch.randint(0, vocab, (rows, n), generator=g)
+    labels[:, -1] = IGNORE_INDEX
+    positions = torch.arange(n).repeat(rows, 1)
+    doc_ids = torch.zeros(rows, n, dtype=torch.long)
+    if docs:
+        doc_ids[1, n // 2:] = 1
+        positions[1, n // 2:] -= n // 2
+    return tokens, positions, doc_ids, labels
 
 
 def tiny_config(position="p_rope", transform="scale_invariant", *extra):

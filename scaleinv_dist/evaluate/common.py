@@ -9,17 +9,17 @@ from typing import Iterable, Sequence
 
 import torch
 
+from ..device import cuda_missing, resolve_device
 from .distributed import local_device
 from .errors import EvalError
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """auto -> cuda when available, else cpu."""
-    if name in ("", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    """device.resolve_device (auto -> cuda when available, else cpu), EvalError for CUDA without a GPU."""
+    device = resolve_device(name)
+    if cuda_missing(device):
         raise EvalError(f"device {name!r} requested but CUDA is not available; use --device cpu")
-    return torch.device(name)
+    return device
 
 
 def autocast(device: torch.device):

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError
+from ..device import computes_in_bf16, cuda_missing, resolve_device
 
 DEFAULT_EXTENSIONS_DIR = Path.home() / ".cache" / "scaleinv_dist" / "torch_extensions"
 
@@ -47,14 +48,16 @@ class DistEnv:
 
 
 def use_cuda(cfg) -> bool:
-    want = cfg.run.device
-    if want == "cuda" and not torch.cuda.is_available():
+    """Whether run.device (auto | cpu | cuda, through device.resolve_device) trains on CUDA;
+    ConfigError for run.device=cuda without a GPU."""
+    device = resolve_device(cfg.run.device)
+    if cuda_missing(device):
         raise ConfigError("run.device=cuda but no CUDA GPU is visible; set run.device=cpu or auto")
-    return want != "cpu" and torch.cuda.is_available()
+    return device.type == "cuda"
 
 
 def use_bf16(cfg) -> bool:
-    return cfg.run.dtype == "bfloat16" or (cfg.run.dtype == "auto" and use_cuda(cfg))
+    return computes_in_bf16(cfg.run.dtype, "cuda" if use_cuda(cfg) else "cpu")
 
 
 def free_port() -> int:
