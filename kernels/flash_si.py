@@ -14,6 +14,9 @@ How it works (docs/kernel.md has the details and the error bound):
   the diagonal: a(t), m(t) from a Taylor polynomial around the tile pair's centre distance),
   FULL (fully visible: exact transform, no mask), PARTIAL (exact transform and element mask).
   The main kernels run one homogeneous loop per class over compacted tile lists.
+- The pre-pass results form a plan, cached (`plan_cache`) on the identity and version of the
+  position / document-id tensors: the backward and every further call with the same tensors
+  (the layers of one step, each ring step's block) reuse it instead of launching the pre-pass.
 - Everything is in the exp2 domain (logits times log2(e)); per-query terms are folded into the
   running max / log-sum-exp so that they cost nothing per score element.
 - Backward: one launch; programs [0, n_kv_tiles) compute dk, dv for one key tile (looping over
