@@ -852,7 +852,8 @@ class _Plan:
               tau: float) -> tuple[torch.Tensor, int]:
         """Tile lists by class for row tiles of rblock tokens (queries if row_is_q, else keys)
         against column tiles of cblock tokens; returns (buffer, batch stride)."""
-        key = (row_is_q, rblock, cblock, bool(causal), bool(poly), float(tau) if poly else None)
+        ratio = POLY_RATIO[POLY_DEGREE]  # read per call: benchmarks sweep POLY_DEGREE
+        key = (row_is_q, rblock, cblock, bool(causal), (float(tau), ratio) if poly else None)
         if key not in self._lists:
             rb, _ = self.bounds(row_is_q, rblock)
             cb, _ = self.bounds(not row_is_q, cblock)
@@ -861,8 +862,8 @@ class _Plan:
             size = n_row * (n_col + 4)
             lt = torch.empty((self.rows, size), dtype=torch.int32, device=rb.device)
             _lists_kernel[(n_row, self.rows)](
-                rb, cb, lt, n_row, n_col, n_rowtok, n_coltok, size, float(tau),
-                POLY_RATIO[POLY_DEGREE], RBLOCK=rblock, CBLOCK=cblock, CHUNK=_LIST_CHUNK,
+                rb, cb, lt, n_row, n_col, n_rowtok, n_coltok, size, float(tau), ratio,
+                RBLOCK=rblock, CBLOCK=cblock, CHUNK=_LIST_CHUNK,
                 ROW_IS_Q=row_is_q, CAUSAL=bool(causal), HAS_SEG=self.has_seg, POLY=bool(poly))
             self._lists[key] = (lt, 0 if self.rows == 1 else size)
         return self._lists[key]

@@ -315,3 +315,20 @@ def test_ring_prepass_once_per_step_plan():
         assert rep["one"]["counts"]["bounds"] <= steps * n_bounds
         assert rep["off"]["counts"]["lists"] == 3 * steps * 3
         assert rep["bitwise"]
+
+
+def test_options_outside_the_key_tensors_are_respected(monkeypatch):
+    """One plan, several list sets: causal vs bidirectional, and a changed Taylor degree (the
+    switch rule moves: tiles 1000 tokens apart are POLY at degree 2 and exact at degree 1) give
+    the cache-off results bit for bit."""
+    q, k, v, do = make(8, 1, 2, 1, 128, 96, 32)
+    q_pos, k_pos = (torch.arange(128) + 1100)[None], torch.arange(96)[None]
+    for causal in (True, False):
+        assert_same(run(q, k, v, do, q_pos, k_pos, causal=causal),
+                    uncached(q, k, v, do, q_pos, k_pos, causal=causal))
+    deg2 = run(q, k, v, do, q_pos, k_pos)
+    monkeypatch.setattr(flash_si, "POLY_DEGREE", 1)
+    deg1 = run(q, k, v, do, q_pos, k_pos)
+    assert len(flash_si.plan_cache.entries) == 1
+    assert not torch.equal(deg1[0], deg2[0])
+    assert_same(deg1, uncached(q, k, v, do, q_pos, k_pos))
