@@ -14,6 +14,9 @@ How it works (docs/kernel.md has the details and the error bound):
   the diagonal: a(t), m(t) from a Taylor polynomial around the tile pair's centre distance),
   FULL (fully visible: exact transform, no mask), PARTIAL (exact transform and element mask).
   The main kernels run one homogeneous loop per class over compacted tile lists.
+- The pre-pass results form a plan, cached (`plan_cache`) on the identity and version of the
+  position / document-id tensors: the backward and every further call with the same tensors
+  (the layers of one step, each ring step's block) reuse it instead of launching the pre-pass.
 - Everything is in the exp2 domain (logits times log2(e)); per-query terms are folded into the
   running max / log-sum-exp so that they cost nothing per score element.
 - Backward: one launch; programs [0, n_kv_tiles) compute dk, dv for one key tile (looping over
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import OrderedDict
 
 import torch
 import triton
@@ -786,46 +790,139 @@ def _tiles(dtype: torch.dtype, bd: int) -> tuple[tuple, tuple]:
     return FWD_CONFIGS[bd], BWD_CONFIGS[bd]
 
 
-class _Tokens:
-    """Positions (int32 and float32) and document ids as (rows, N); rows = 1 when all are shared
-    across the batch (a stride-0 or size-1 batch dim), else B."""
+class _Plan:
+    """What the kernels need from one set of positions / document ids, built once and reused.
+
+    Holds the positions (int32 and float32) and document ids as (rows, N) views of one buffer
+    (rows = 1 when all are shared across the batch: a stride-0 or size-1 batch dim, else B), and,
+    filled on first use, the per-tile bounds for each tile size and the tile lists for each
+    (tile sizes, causal, polynomial, tau). The forward, its backward (other tile sizes: same
+    bounds where the block sizes coincide) and every layer that passes the same position tensors
+    share one plan (`PlanCache`).
+    """
 
     def __init__(self, q_pos, k_pos, q_seg, k_seg, batch, device):
         items = [q_pos, k_pos] + ([] if q_seg is None else [q_seg, k_seg])
+        self.inputs = tuple(items)  # held: keeps their memory (and so the cache key) theirs
         shared = all(x.shape[0] == 1 or x.stride(0) == 0 for x in items)
         self.rows = 1 if shared else batch
-
-        def prep(x):
-            x = x[:1] if shared else x.expand(batch, -1)
-            return x.to(device=device, dtype=torch.int32).contiguous()
-
-        self.qp, self.kp = prep(q_pos), prep(k_pos)
-        self.qpf, self.kpf = self.qp.float(), self.kp.float()  # exact below 2**24
+        parts = [(x[:1] if shared else x.expand(batch, -1)).reshape(-1) for x in items]
+        sizes = [x.numel() for x in parts]
+        # one int32 buffer for all (one cat) and one float copy of the positions: 2 launches
+        flat = torch.empty(sum(sizes), dtype=torch.int32, device=device)
+        if all(x.device == flat.device for x in parts):
+            torch.cat(parts, out=flat)
+        else:
+            flat.copy_(torch.cat(parts))
+        views = [x.view(self.rows, -1) for x in flat.split(sizes)]
+        self.qp, self.kp = views[0], views[1]
+        n_pos = sizes[0] + sizes[1]
+        self.qpf, self.kpf = (x.view(self.rows, -1) for x in
+                              flat[:n_pos].float().split(sizes[:2]))  # exact below 2**24
         self.has_seg = q_seg is not None
-        self.qs, self.ks = (prep(q_seg), prep(k_seg)) if self.has_seg else (self.qp, self.kp)
-        self.sq = 0 if shared else self.qp.shape[1]  # batch strides seen by the main kernels
-        self.sk = 0 if shared else self.kp.shape[1]
+        self.qs, self.ks = (views[2], views[3]) if self.has_seg else (self.qp, self.kp)
+        self.nq, self.nk = self.qp.shape[1], self.kp.shape[1]
+        self.sq = 0 if shared else self.nq  # batch strides seen by the main kernels
+        self.sk = 0 if shared else self.nk
+        self._base_bytes = 8 * (sizes[0] + sizes[1]) + 4 * (sum(sizes) - n_pos)
+        self._bounds: dict = {}
+        self._lists: dict = {}
+
+    @property
+    def nbytes(self) -> int:
+        """Device memory held by the plan (positions, bounds, lists), in bytes."""
+        held = [x for x, _ in self._bounds.values()] + [x for x, _ in self._lists.values()]
+        return self._base_bytes + sum(x.numel() * x.element_size() for x in held)
 
     def bounds(self, query: bool, block: int) -> tuple[torch.Tensor, int]:
-        """(rows, n_tiles, 4) int32 per-tile (min, max) of positions and of document ids."""
-        pos, seg = (self.qp, self.qs) if query else (self.kp, self.ks)
-        n = pos.shape[1]
-        n_tiles = triton.cdiv(n, block)
-        bnd = torch.zeros((self.rows, n_tiles, 4), dtype=torch.int32, device=pos.device)
-        _bounds_kernel[(n_tiles, self.rows)](pos, seg, bnd, n, n_tiles, n, n, BLOCK=block,
-                                             HAS_SEG=self.has_seg)
-        return bnd, (0 if self.rows == 1 else n_tiles * 4)
+        """(rows, n_tiles, 4) int32 per-tile (min, max) of positions and of document ids, and
+        the batch stride."""
+        key = (query, block)
+        if key not in self._bounds:
+            pos, seg = (self.qp, self.qs) if query else (self.kp, self.ks)
+            n = pos.shape[1]
+            n_tiles = triton.cdiv(n, block)
+            bnd = torch.empty((self.rows, n_tiles, 4), dtype=torch.int32, device=pos.device)
+            _bounds_kernel[(n_tiles, self.rows)](pos, seg, bnd, n, n_tiles, n, n, BLOCK=block,
+                                                 HAS_SEG=self.has_seg)
+            self._bounds[key] = (bnd, 0 if self.rows == 1 else n_tiles * 4)
+        return self._bounds[key]
 
-    def lists(self, rb, cb, n_rowtok, n_coltok, rblock, cblock, row_is_q, causal, poly, tau):
-        """Tile lists by class for rows rb against columns cb; returns (buffer, batch stride)."""
-        n_row, n_col = rb.shape[1], cb.shape[1]
-        size = n_row * (n_col + 4)
-        lt = torch.empty((self.rows, size), dtype=torch.int32, device=rb.device)
-        _lists_kernel[(n_row, self.rows)](
-            rb, cb, lt, n_row, n_col, n_rowtok, n_coltok, size, float(tau),
-            POLY_RATIO[POLY_DEGREE], RBLOCK=rblock, CBLOCK=cblock, CHUNK=_LIST_CHUNK,
-            ROW_IS_Q=row_is_q, CAUSAL=causal, HAS_SEG=self.has_seg, POLY=poly)
-        return lt, (0 if self.rows == 1 else size)
+    def lists(self, row_is_q: bool, rblock: int, cblock: int, causal: bool, poly: bool,
+              tau: float) -> tuple[torch.Tensor, int]:
+        """Tile lists by class for row tiles of rblock tokens (queries if row_is_q, else keys)
+        against column tiles of cblock tokens; returns (buffer, batch stride)."""
+        ratio = POLY_RATIO[POLY_DEGREE]  # read per call: benchmarks sweep POLY_DEGREE
+        key = (row_is_q, rblock, cblock, bool(causal), (float(tau), ratio) if poly else None)
+        if key not in self._lists:
+            rb, _ = self.bounds(row_is_q, rblock)
+            cb, _ = self.bounds(not row_is_q, cblock)
+            n_rowtok, n_coltok = (self.nq, self.nk) if row_is_q else (self.nk, self.nq)
+            n_row, n_col = rb.shape[1], cb.shape[1]
+            size = n_row * (n_col + 4)
+            lt = torch.empty((self.rows, size), dtype=torch.int32, device=rb.device)
+            _lists_kernel[(n_row, self.rows)](
+                rb, cb, lt, n_row, n_col, n_rowtok, n_coltok, size, float(tau), ratio,
+                RBLOCK=rblock, CBLOCK=cblock, CHUNK=_LIST_CHUNK,
+                ROW_IS_Q=row_is_q, CAUSAL=bool(causal), HAS_SEG=self.has_seg, POLY=bool(poly))
+            self._lists[key] = (lt, 0 if self.rows == 1 else size)
+        return self._lists[key]
+
+
+def _tensor_key(x):
+    if x is None:
+        return None
+    return (x.data_ptr(), x._version, tuple(x.shape), x.stride(), x.dtype, x.device)
+
+
+class PlanCache:
+    """LRU of `_Plan`s keyed on (data_ptr, version, shape, stride, dtype, device) of the position
+    and document-id tensors, the batch size and the device.
+
+    A plan holds its input tensors, so their memory cannot be handed to another tensor while the
+    entry lives: a hit means the same memory, unmodified since (an in-place write bumps the
+    version and misses). Writes that bypass the version counter (through `.data`, by custom
+    kernels or collectives into the same buffer) are not seen: call `clear()` after them.
+    Inference-mode tensors have no version counter and are never cached. Bounded by max_entries
+    and by max_bytes of device memory (least recently used first out); max_entries = 0 turns it
+    off.
+    """
+
+    def __init__(self, max_entries: int = 32, max_bytes: int = 1 << 30):
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        self.entries: OrderedDict = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, q_pos, k_pos, q_seg, k_seg, batch, device) -> _Plan:
+        items = (q_pos, k_pos, q_seg, k_seg)
+        if self.max_entries <= 0 or any(x is not None and x.is_inference() for x in items):
+            self.misses += 1
+            return _Plan(q_pos, k_pos, q_seg, k_seg, batch, device)
+        key = (batch, torch.device(device), *map(_tensor_key, items))
+        plan = self.entries.get(key)
+        if plan is not None:
+            self.hits += 1
+            self.entries.move_to_end(key)
+            return plan
+        self.misses += 1
+        plan = _Plan(q_pos, k_pos, q_seg, k_seg, batch, device)
+        self.entries[key] = plan
+        self.trim()
+        return plan
+
+    def trim(self) -> None:
+        """Drop least recently used plans until both bounds hold (a plan still in use by the
+        caller stays valid: dropping only forgets it)."""
+        while self.entries and (len(self.entries) > self.max_entries or
+                                sum(p.nbytes for p in self.entries.values()) > self.max_bytes):
+            self.entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.hits = self.misses = 0
+
+
+plan_cache = PlanCache()
 
 
 def _constants(scale: float, tau: float) -> dict:
@@ -857,13 +954,14 @@ def forward(q, k, v, q_pos, k_pos, q_seg=None, k_seg=None, *, scale, tau, causal
     """out (B, Hq, Nq, D) in q.dtype and lse (B, Hq, Nq) float32 (natural log; -inf: no key)."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
-    tok = _Tokens(q_pos, k_pos, q_seg, k_seg, b, q.device)
+    tok = plan_cache.get(q_pos, k_pos, q_seg, k_seg, b, q.device)
     bd = block_d(d)
     bm, bn, warps, stages = _tiles(q.dtype, bd)[0]
     tid = TRANSFORM_IDS[transform]
     qb, sb_q = tok.bounds(True, bm)
     kb, sb_k = tok.bounds(False, bn)
-    lt, s_lt = tok.lists(qb, kb, nq, nk, bm, bn, True, causal, tid == 1, tau)
+    lt, s_lt = tok.lists(True, bm, bn, causal, tid == 1, tau)
+    plan_cache.trim()
     out = torch.empty((b, hq, nq, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, hq, nq), dtype=torch.float32, device=q.device)
     n_qb, n_kb = qb.shape[1], kb.shape[1]
@@ -886,7 +984,7 @@ def backward(do, q, k, v, out, lse, q_pos, k_pos, q_seg=None, k_seg=None, *, sca
     g = hq // hkv
     do = do.to(q.dtype)
     lse = lse.to(device=q.device, dtype=torch.float32)
-    tok = _Tokens(q_pos, k_pos, q_seg, k_seg, b, q.device)
+    tok = plan_cache.get(q_pos, k_pos, q_seg, k_seg, b, q.device)
     bd = block_d(d)
     bm1, bn1, bm2, bn2, warps, stages = _tiles(q.dtype, bd)[1]
     tid = TRANSFORM_IDS[transform]
@@ -897,10 +995,11 @@ def backward(do, q, k, v, out, lse, q_pos, k_pos, q_seg=None, k_seg=None, *, sca
         _lse_offset(transform, tau), BLOCK=64, BLOCK_D=bd, HEAD_D=d)
     qb1, sb_q1 = tok.bounds(True, bm1)
     kb1, sb_k1 = tok.bounds(False, bn1)
-    qb2, sb_q2 = (qb1, sb_q1) if bm2 == bm1 else tok.bounds(True, bm2)
-    kb2, sb_k2 = (kb1, sb_k1) if bn2 == bn1 else tok.bounds(False, bn2)
-    lt1, s_lt1 = tok.lists(kb1, qb1, nk, nq, bn1, bm1, False, causal, tid == 1, tau)
-    lt2, s_lt2 = tok.lists(qb2, kb2, nq, nk, bm2, bn2, True, causal, tid == 1, tau)
+    qb2, sb_q2 = tok.bounds(True, bm2)
+    kb2, sb_k2 = tok.bounds(False, bn2)
+    lt1, s_lt1 = tok.lists(False, bn1, bm1, causal, tid == 1, tau)
+    lt2, s_lt2 = tok.lists(True, bm2, bn2, causal, tid == 1, tau)
+    plan_cache.trim()
     dq = torch.empty((b, hq, nq, d), dtype=q.dtype, device=q.device)
     dk = torch.empty((b, hkv, nk, d), dtype=k.dtype, device=q.device)
     dv = torch.empty((b, hkv, nk, d), dtype=v.dtype, device=q.device)

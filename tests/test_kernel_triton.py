@@ -145,11 +145,10 @@ def test_fp16():
 # ----------------------------------------------------------------------------- polynomial path
 def tile_classes(q_pos, k_pos, rblock, cblock, causal=True):
     """(n_poly, n_full, n_partial) summed over query tiles, as the kernel's pre-pass sorts them."""
-    tok = flash_si._Tokens(q_pos, k_pos, None, None, q_pos.shape[0], q_pos.device)
-    rb, _ = tok.bounds(True, rblock)
-    cb, _ = tok.bounds(False, cblock)
-    lt, _ = tok.lists(rb, cb, q_pos.shape[1], k_pos.shape[1], rblock, cblock, True, causal, True,
-                      TAU)
+    plan = flash_si._Plan(q_pos, k_pos, None, None, q_pos.shape[0], q_pos.device)
+    rb, _ = plan.bounds(True, rblock)
+    cb, _ = plan.bounds(False, cblock)
+    lt, _ = plan.lists(True, rblock, cblock, causal, True, TAU)
     n_row, n_col = rb.shape[1], cb.shape[1]
     return tuple(lt[0, n_row * n_col:].view(n_row, 4)[:, :3].sum(0).tolist())
 
