@@ -9,7 +9,8 @@ FLASH_ATTENTION_NUM_SMS), keeps the cubins, disassembles them with nvdisasm and 
 the special-function (MUFU) instructions by kind, the FP32 FMA/MUL/ADD/min-max instructions, the
 warpgroup MMAs (HGMMA), registers and stack frame (spills). Counts are static (instructions in the
 code, unrolled over the thread's fragment), not executed counts. Needs `pip install -e
-".[hopper]" nvidia-cuda-nvdisasm nvidia-cuda-cuobjdump` (all PyPI); no GPU. Appends a table to benchmarks/RESULTS.md with the date and command.
+".[hopper]" nvidia-cuda-nvdisasm nvidia-cuda-cuobjdump` (all PyPI); no GPU. Appends a table to
+benchmarks/RESULTS.md with the date and command.
 """
 from __future__ import annotations
 
