@@ -145,19 +145,21 @@ def score_mods(tau: float, variant: str = DEFAULT_VARIANT):
 
 # ----------------------------------------------------------------------------- eligibility
 def _contiguous(pos: torch.Tensor) -> bool:
-    """True when every row of pos (B, N) is the same run first, first + 1, ... (cached per tensor
-    version: the model passes one positions tensor to every layer, so this syncs once a step)."""
-    key = (pos.data_ptr(), pos._version, tuple(pos.shape), tuple(pos.stride()))
-    hit = _CONTIGUOUS_CACHE.get(key)
-    if hit is None:
-        row = pos[0]
-        ok = bool(((row[1:] - row[:-1]) == 1).all()) if row.numel() > 1 else True
-        if ok and pos.shape[0] > 1 and pos.stride(0) != 0:
-            ok = bool((pos == row).all())
-        if len(_CONTIGUOUS_CACHE) > 64:
-            _CONTIGUOUS_CACHE.clear()
-        _CONTIGUOUS_CACHE[key] = hit = ok
-    return hit
+    """True when every row of pos (B, N) is the same run first, first + 1, ... The model passes one
+    positions tensor to every layer, so the answer is cached per tensor object and version (one
+    device sync a step). Entries hold their tensor, so its memory cannot be reused by another
+    tensor while the entry lives (no stale hit through a recycled data pointer)."""
+    hit = _CONTIGUOUS_CACHE.get(id(pos))
+    if hit is not None and hit[0] is pos and hit[1] == pos._version:
+        return hit[2]
+    row = pos[0]
+    ok = bool(((row[1:] - row[:-1]) == 1).all()) if row.numel() > 1 else True
+    if ok and pos.shape[0] > 1 and pos.stride(0) != 0:
+        ok = bool((pos == row).all())
+    if len(_CONTIGUOUS_CACHE) >= 8:
+        _CONTIGUOUS_CACHE.pop(next(iter(_CONTIGUOUS_CACHE)))
+    _CONTIGUOUS_CACHE[id(pos)] = (pos, pos._version, ok)
+    return ok
 
 
 def supports(q, k, v, transform, *, q_pos=None, k_pos=None, q_seg=None, k_seg=None,

@@ -149,3 +149,15 @@ def test_transform_ptx_matches_float64(variant, tau):
     grad = _run_ptx(hopper.transform_ptx(tau, variant, backward=True), s, diff)
     assert np.all(np.abs(logit - (a * s - m)) <= 2e-4 * (1 + np.abs(s)))
     assert np.all(np.abs(grad - s * a) <= 2e-4 * np.abs(s) * a + 1e-30)
+
+
+def test_contiguity_cache_follows_the_tensor_not_its_memory():
+    """An in-place change (version bump) and a new tensor are re-checked, never answered from a
+    stale entry."""
+    pos = torch.arange(16)[None].clone()
+    assert hopper._contiguous(pos)
+    pos[0, 8:] += 5  # now gapped
+    assert not hopper._contiguous(pos)
+    for _ in range(20):  # new tensors, possibly at recycled addresses
+        assert hopper._contiguous(torch.arange(16)[None].clone())
+        assert not hopper._contiguous(torch.arange(16).flip(0)[None].clone())
