@@ -56,7 +56,12 @@ def _exit(code: int, hard: bool = False) -> None:
             dist.destroy_process_group()
     except Exception:
         pass
-    sys.exit(code)
+    # Everything is written and closed by now (checkpoints synchronously, metrics/wandb in the
+    # loop's finally). Skipping interpreter finalisation keeps the exit code: a native thread torn
+    # down there (seen with 2 gloo ranks) could otherwise abort the process (SIGABRT, not `code`).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv=None) -> int:
