@@ -72,15 +72,17 @@ def plot_needle_heatmap(grid: dict, path: str | Path, train_len: int | None = No
     return Path(path)
 
 
-def _save_loss_vs_length(fig, ax, train_len: int | None, path: str | Path, title: str) -> Path:
-    """Axes of a loss-against-context-length plot (log2 x, the training length marked), saved."""
+def _finish_log2_plot(fig, ax, train_len: int | None, path: str | Path, title: str,
+                      xlabel: str = "context length (tokens)",
+                      ylabel: str = "validation loss (nats/token)") -> Path:
+    """Log2 x axis, labels, the training length marked, legend and title; saved to path."""
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.ticklabel_format(axis="y", useOffset=False, style="plain")
     _mark_train(ax, train_len)
     ax.legend(fontsize=8)
-    ax.set_title(title or "validation loss vs context length", fontsize=10)
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -94,7 +96,7 @@ def plot_methods(rows: Sequence[dict], train_len: int | None, path: str | Path, 
         pts = sorted((int(L), v) for L, v in row["losses"].items() if v is not None)
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=row["method"])
-    return _save_loss_vs_length(fig, ax, train_len, path, title)
+    return _finish_log2_plot(fig, ax, train_len, path, title or "validation loss vs context length")
 
 
 def plot_method_means(agg: Mapping[str, dict], train_len: int, path: str | Path, title: str = "") -> Path:
@@ -108,7 +110,7 @@ def plot_method_means(agg: Mapping[str, dict], train_len: int, path: str | Path,
             n = len(m["seeds"])
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
                         capsize=3, label=m["label"] + (f" ({n} seeds)" if n > 1 else ""))
-    return _save_loss_vs_length(fig, ax, train_len, path, title)
+    return _finish_log2_plot(fig, ax, train_len, path, title or "validation loss vs context length")
 
 
 def plot_bucket_curves(rows: Sequence[dict], length: int, train_len: int, path: str | Path,
@@ -130,17 +132,10 @@ def plot_bucket_curves(rows: Sequence[dict], length: int, train_len: int, path: 
         pts = sorted((max(0.5, (lo * max(hi - 1, 1)) ** 0.5) if lo else 0.5, s / c)
                      for (lo, hi), (s, c) in acc.items() if c > 0)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("position in window (tokens of context)")
-    ax.set_ylabel("loss (nats/token)")
-    ax.ticklabel_format(axis="y", useOffset=False, style="plain")
-    _mark_train(ax, train_len)
-    ax.legend(fontsize=8)
-    ax.set_title(title or f"loss by position bucket at context length {length}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _finish_log2_plot(fig, ax, train_len, path,
+                             title or f"loss by position bucket at context length {length}",
+                             xlabel="position in window (tokens of context)",
+                             ylabel="loss (nats/token)")
 
 
 def plot_needle_grids(grids: Mapping[str, dict], path: str | Path, train_len: int | None = None,
