@@ -50,7 +50,7 @@ _CONTIGUOUS_CACHE: dict = {}
 # integer OR and one FADD (t < 2^23) instead of a quarter-rate I2F conversion. Then
 #   x = 1 + t/tau,  y = log2 x,  u = 1 + m = 1 + 2 ln2 y,  a = sqrt(u)
 #   forward L = s a + (1 - u),  backward dL/ds = a.
-# Variants (docs/kernel.md has each one's measured cost):
+# Variants (docs/kernel.md gives each one's instruction counts, benchmarks/hopper_sass.py):
 #   mufu    y = lg2.approx, a = sqrt.approx: 2 MUFU per element beside the softmax's exp2
 #   swlog   y in software: exponent bits + a degree-5 polynomial of the mantissa (5 FMA,
 #           |error| <= 6e-5 in log2), a on the MUFU: 1 MUFU
@@ -61,15 +61,22 @@ VARIANTS = ("mufu", "swlog", "swsqrt", "sw")
 DEFAULT_VARIANT = "swlog"
 VARIANT = DEFAULT_VARIANT  # what forward/backward use (benchmarks/hopper_variants.py sets it)
 
-_F32 = {"one": "0f3F800000", "e23": "0f4B000000", "e23_bias": "0f4B00007F", "two_ln2": "0f3FB17218",
-        "m05": "0fBF000000", "one5": "0f3FC00000", "c1": "0f3FB8A7A1", "c2": "0fBF379168",
-        "c3": "0f3EE270F8", "c4": "0fBE692B24", "c5": "0f3D7584DD"}
+# log2(1 + z) ~ z (c1 + c2 z + c3 z^2 + c4 z^3 + c5 z^4) on [0, 1): a least-squares fit on Chebyshev
+# nodes, rounded to float32 (|error| <= 6e-5); the PTX takes float32 immediates in hex.
+LOG2_POLY = (1.4426156282424927, -0.7170624732971191, 0.44226813316345215, -0.22770363092422485,
+             0.059941161423921585)
 
 
 def _f32_hex(x: float) -> str:
+    """x as a PTX float32 immediate (0fXXXXXXXX)."""
     import struct
 
     return "0f%08X" % struct.unpack("<I", struct.pack("<f", x))[0]
+
+
+_F32 = {"one": _f32_hex(1.0), "e23": _f32_hex(2.0 ** 23), "e23_bias": _f32_hex(2.0 ** 23 + 127),
+        "two_ln2": _f32_hex(2 * math.log(2)), "m05": _f32_hex(-0.5), "one5": _f32_hex(1.5),
+        **{f"c{i + 1}": _f32_hex(c) for i, c in enumerate(LOG2_POLY)}}
 
 
 def transform_ptx(tau: float, variant: str, backward: bool) -> str:
