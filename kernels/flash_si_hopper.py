@@ -153,19 +153,21 @@ def score_mods(tau: float, variant: str = DEFAULT_VARIANT):
 # ----------------------------------------------------------------------------- eligibility
 def _contiguous(pos: torch.Tensor) -> bool:
     """True when every row of pos (B, N) is the same run first, first + 1, ... The model passes one
-    positions tensor to every layer, so the answer is cached per tensor object and version (one
-    device sync a step). Entries hold their tensor, so its memory cannot be reused by another
-    tensor while the entry lives (no stale hit through a recycled data pointer)."""
-    hit = _CONTIGUOUS_CACHE.get(id(pos))
-    if hit is not None and hit[0] is pos and hit[1] == pos._version:
+    positions tensor to every layer (as new broadcast views of it), so the answer is cached per
+    memory, layout and version (one device sync a step). Entries hold their tensor, so its memory
+    cannot be reused by another tensor while the entry lives (no stale hit through a recycled
+    data pointer)."""
+    key = (pos.data_ptr(), tuple(pos.shape), tuple(pos.stride()), pos.dtype, pos.device)
+    hit = _CONTIGUOUS_CACHE.get(key)
+    if hit is not None and hit[1] == pos._version:
         return hit[2]
     row = pos[0]
     ok = bool(((row[1:] - row[:-1]) == 1).all()) if row.numel() > 1 else True
     if ok and pos.shape[0] > 1 and pos.stride(0) != 0:
         ok = bool((pos == row).all())
-    if len(_CONTIGUOUS_CACHE) >= 8:
+    if len(_CONTIGUOUS_CACHE) >= 8 and key not in _CONTIGUOUS_CACHE:
         _CONTIGUOUS_CACHE.pop(next(iter(_CONTIGUOUS_CACHE)))
-    _CONTIGUOUS_CACHE[id(pos)] = (pos, pos._version, ok)
+    _CONTIGUOUS_CACHE[key] = (pos, pos._version, ok)
     return ok
 
 

@@ -198,3 +198,16 @@ def test_fa4_kernels_compile_for_sm90_without_a_gpu(variant, d):
     proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, variant, str(d)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_contiguity_cache_hits_new_views_of_one_positions_tensor(monkeypatch):
+    """The model's positions reach every layer as a new broadcast view of one tensor: one check,
+    then hits."""
+    hopper._CONTIGUOUS_CACHE.clear()
+    pos = torch.arange(32)
+    checks = []
+    real_all = torch.Tensor.all
+    monkeypatch.setattr(torch.Tensor, "all", lambda self, *a, **k: checks.append(1) or real_all(self, *a, **k))
+    for _ in range(12):
+        assert hopper._contiguous(pos.unsqueeze(0).expand(4, 32))
+    assert len(checks) == 1
