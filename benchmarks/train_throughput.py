@@ -10,6 +10,7 @@ Per length it times a full training step (forward, backward, AdamW) of max(1, 65
 sequences (--tokens-per-step; one sequence split over the GPUs with --cp-strategy), bf16 autocast,
 with three attention implementations in the same run:
   ours       scale-invariant p-RoPE through the fused Triton kernel (or the config's backend)
+  ours-hopper  the same through FlashAttention-4's Hopper kernels with our transform (backend hopper)
   flex-si    the same model with FlexAttention + the scale-invariant score_mod (the paper's route)
   sdpa-rope  RoPE, no transform, torch SDPA cuDNN (the cost floor)
 each with the blocks compiled or not (--compile on|off|on,off; scaleinv_dist.model.compile_model,
@@ -93,7 +94,7 @@ def usage_error(message: str) -> None:
 
 
 def build(cfg, impl: str, vocab: int, ckpt: str, compiled: bool, device: torch.device):
-    overrides = {"ours": {}, "flex-si": {"backend": "flex"}, "sdpa-rope": {"position": "rope", "transform": "none"}}
+    overrides = {"ours": {}, "ours-hopper": {"backend": "hopper"}, "flex-si": {"backend": "flex"}, "sdpa-rope": {"position": "rope", "transform": "none"}}
     for k, v in overrides[impl].items():
         setattr(cfg.attention, k, v)
     cfg.train.activation_checkpointing = ckpt
@@ -355,6 +356,9 @@ def main() -> None:
                 row.update(profile_step(model, opt, batch, seq_len, args.vocab, device, state, top, cp))
         except torch.cuda.OutOfMemoryError:
             row["status"] = "OOM"
+        except Exception as err:  # noqa: BLE001 - a failing row is reported; the others still run
+            row["status"] = f"failed: {type(err).__name__}: {str(err)[:160]}"
+            print(f"{impl} {seq_len} {ckpt} compile={compiled}: {row['status']}", file=sys.stderr)
         del model, opt
         if device.type == "cuda":
             torch.cuda.empty_cache()
