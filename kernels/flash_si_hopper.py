@@ -14,8 +14,8 @@ Per score element that is one log2 and one square root on the special-function u
 softmax's exp2, and a few FMAs (docs/kernel.md gives the measured cost).
 
 What runs here (everything else goes to the Triton kernel, see `supports`): a CUDA
-device of compute capability 9.x with `flash_attn.cute` importable; bf16 or fp16; head dim a
-multiple of 8 up to 256; causal self-attention whose query and key positions are the same run of
+device of compute capability 9.x with `flash_attn.cute` importable; bf16 or fp16; head dim 64, 96,
+128, 192 or 256 (the ones checked on a GPU); causal self-attention whose query and key positions are the same run of
 consecutive integers (one GPU, or Ulysses after its all-to-all); no document ids; transform
 "scale_invariant" or "none". q_idx - kv_idx is then the position difference t.
 
@@ -41,6 +41,8 @@ else:
     IMPORT_ERROR = None
 
 TRANSFORMS = ("scale_invariant", "none")
+# Head dims checked against float64 on an H200 (tests/test_hopper_backend.py, 2026-12-05).
+HEAD_DIMS = (64, 96, 128, 192, 256)
 _CONTIGUOUS_CACHE: dict = {}
 
 
@@ -58,7 +60,7 @@ _CONTIGUOUS_CACHE: dict = {}
 #           relative error <= 5e-6): 1 MUFU
 #   sw      both in software: 0 MUFU
 VARIANTS = ("mufu", "swlog", "swsqrt", "sw")
-DEFAULT_VARIANT = "swlog"
+DEFAULT_VARIANT = "mufu"
 VARIANT = DEFAULT_VARIANT  # what forward/backward use (benchmarks/hopper_variants.py sets it)
 
 # log2(1 + z) ~ z (c1 + c2 z + c3 z^2 + c4 z^3 + c5 z^4) on [0, 1): a least-squares fit on Chebyshev
@@ -181,8 +183,9 @@ def supports(q, k, v, transform, *, q_pos=None, k_pos=None, q_seg=None, k_seg=No
     if q.dtype not in (torch.bfloat16, torch.float16):
         return f"needs bf16 or fp16 inputs, got {q.dtype}"
     d = q.shape[-1]
-    if d % 8 or d > 256:
-        return f"head dim {d} is not a multiple of 8 up to 256"
+    if d not in HEAD_DIMS:
+        return (f"head dim {d} is not one of {HEAD_DIMS} (FA4's SM90 backward gives a wrong dq "
+                f"at D = 48 and 80, measured; other head dims are unverified)")
     if transform not in TRANSFORMS:
         return f"transform {transform!r} is not one of {TRANSFORMS}"
     if not causal:
@@ -225,7 +228,17 @@ def backward(dout, q, k, v, out, lse, q_pos=None, k_pos=None, q_seg=None, k_seg=
              tau, causal, transform, alibi_slopes=None):
     """(dq, dk, dv) in the inputs' layout, given an external out and lse (from any backend)."""
     score_mod, score_mod_bwd = _mods(transform, tau)
+    group = q.shape[1] // k.shape[1]
+    if group > 1 and score_mod is not None:
+        # FA4's SM90 backward with a score_mod is wrong under GQA (dq, dk, dv; measured on an H200,
+        # its plain GQA backward is right): run it on K, V repeated per query head and sum the
+        # key/value gradients over each group.
+        k, v = (x.repeat_interleave(group, dim=1) for x in (k, v))
     dq, dk, dv = _fa4._flash_attn_bwd(_bnhd(q), _bnhd(k), _bnhd(v), _bnhd(out), _bnhd(dout),
                                       lse.float().contiguous(), scale, True,
                                       score_mod=score_mod, score_mod_bwd=score_mod_bwd)
-    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+    dk, dv = (x.transpose(1, 2) for x in (dk, dv))
+    if group > 1 and score_mod is not None:
+        b, h, n, d = dk.shape
+        dk, dv = (x.view(b, h // group, group, n, d).float().sum(2).to(x.dtype) for x in (dk, dv))
+    return dq.transpose(1, 2), dk, dv

@@ -55,7 +55,7 @@ def _errors(backend, q, k, v, do, pos):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _hopper_ready(), reason="needs an sm90 GPU with flash-attn-4")
-@pytest.mark.parametrize("d", [64, 128, 48, 80, 96, 192, 256])
+@pytest.mark.parametrize("d", hopper.HEAD_DIMS)
 @pytest.mark.parametrize("hq, hkv", [(2, 2), (4, 2)])
 def test_hopper_matches_float64(d, hq, hkv):
     """Tolerance: relative error <= 1e-2 (bf16 operands) and no worse than 1.25x FlexAttention's
