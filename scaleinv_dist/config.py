@@ -88,8 +88,8 @@ class TrainConfig:
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
     activation_checkpointing: str = "none"  # none | selective | full | offload | auto (memory.py)
     loss_chunk_tokens: int = 8192  # cross-entropy chunk; full logits are never materialised
-    compile: bool = False  # torch.compile the blocks around the attention call (CUDA only; off
-    #                        until measured on a GPU, docs/training.md)
+    compile: bool = True  # torch.compile the blocks around the attention call (CUDA only;
+    #                       steps 1.16x to 1.69x faster on an H200, docs/training.md)
     checkpoint_every: int = 100  # steps; 0 = only at the end
     keep_checkpoints: int = 2
     eval_every: int = 0  # steps; 0 = no evaluation during training

@@ -82,8 +82,7 @@ def test_hopper_matches_float64(d, hq, hkv):
 
 
 def test_named_hopper_refuses_what_it_cannot_run():
-    """backend="hopper" is opt-in (auto never picks it until it has run on a GPU); named, it says
-    in one line why it cannot run the inputs."""
+    """Named, backend="hopper" says in one line why it cannot run the inputs (here: no GPU)."""
     q = torch.randn(1, 2, 16, 64)
     pos = torch.arange(16)
     with pytest.raises(ValueError, match="attention.backend='hopper'"):
