@@ -210,3 +210,34 @@ def test_contiguity_cache_hits_new_views_of_one_positions_tensor(monkeypatch):
     for _ in range(12):
         assert hopper._contiguous(pos.unsqueeze(0).expand(4, 32))
     assert len(checks) == 1
+
+
+def test_gqa_backward_runs_on_repeated_kv(monkeypatch):
+    """FA4's SM90 backward with a score_mod is wrong under GQA (measured on an H200), so backward()
+    hands it K, V repeated per query head and sums dK, dV over each group. Checked on CPU with a
+    stand-in for FA4 that computes the float64 reference (and refuses GQA with a score_mod, as the
+    real one should never get it): the result must equal the reference GQA gradients to 1e-5 (backward()
+    hands FA4 the lse in float32, as FA4 requires)."""
+    from types import SimpleNamespace
+
+    opts = dict(scale=16 ** -0.5, tau=TAU, causal=True, transform="scale_invariant")
+
+    def fake_bwd(q, k, v, out, dout, lse, scale, causal, score_mod=None, score_mod_bwd=None):
+        assert score_mod is not None and k.shape[2] == q.shape[2], "GQA reached FA4 with a score_mod"
+        pos = torch.arange(q.shape[1])[None]
+        to_bhnd = [x.transpose(1, 2) for x in (dout, q, k, v, out)]
+        grads = attention_reference.backward(*to_bhnd, lse, pos, pos, **opts)
+        return tuple(g.transpose(1, 2) for g in grads)
+
+    monkeypatch.setattr(hopper, "_fa4", SimpleNamespace(_flash_attn_bwd=fake_bwd))
+    monkeypatch.setattr(hopper, "score_mods", lambda tau, variant: ("fwd", "bwd"))
+    torch.manual_seed(0)
+    q, do = (torch.randn(2, 6, 40, 16, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(2, 2, 40, 16, dtype=torch.float64) for _ in range(2))
+    pos = torch.arange(40)[None]
+    out, lse = attention_reference.forward(q, k, v, pos, pos, **opts)
+    got = hopper.backward(do, q, k, v, out, lse, **opts)
+    want = attention_reference.backward(do, q, k, v, out, lse, pos, pos, **opts)
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        assert g.shape == w.shape, name
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=name)
