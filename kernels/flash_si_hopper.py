@@ -176,10 +176,11 @@ def _contiguous(pos: torch.Tensor) -> bool:
 def supports(q, k, v, transform, *, q_pos=None, k_pos=None, q_seg=None, k_seg=None,
              causal=True) -> str | None:
     """None when this backend runs these validated inputs, else why not (one short phrase)."""
-    if _fa4 is None:
-        return f"flash_attn.cute is not importable ({IMPORT_ERROR})"
     if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
         return "needs a Hopper (sm90) GPU"
+    if _fa4 is None:
+        return (f"flash_attn.cute is not importable ({IMPORT_ERROR}); pip install -e '.[hopper]' "
+                f"for the faster Hopper kernels")
     if q.dtype not in (torch.bfloat16, torch.float16):
         return f"needs bf16 or fp16 inputs, got {q.dtype}"
     d = q.shape[-1]
@@ -191,7 +192,7 @@ def supports(q, k, v, transform, *, q_pos=None, k_pos=None, q_seg=None, k_seg=No
     if not causal:
         return "only causal attention"
     if q_pos is None or k_pos is None:
-        return "needs the positions to decide (not given)"
+        return "runs one device's whole sequence (context-parallel shards use the Triton kernel)"
     if q_seg is not None:
         return "document ids (q_seg/k_seg) go to the Triton kernel"
     if q.shape[2] != k.shape[2]:
