@@ -38,6 +38,10 @@ PATTERNS = {"MUFU.EX2": r"MUFU\.EX2", "MUFU.SQRT/RSQ": r"MUFU\.(SQRT|RSQ)", "MUF
             "FP32 FMA/MUL/ADD/MNMX": r"\b(FFMA|FMUL|FADD|FMNMX)\b", "HGMMA": r"\bHGMMA\b"}
 
 
+# the main kernels' cubin names (FA4's classes, or our subclass of its forward)
+KERNEL_NAMES = {"fwd": ("flash_fwd_sm90", "TileSIForward"), "bwd": ("flash_bwd_sm90",)}
+
+
 def tool(name: str) -> str:
     """Path of an NVIDIA binary tool: on PATH, or inside the nvidia-cuda-* wheels."""
     found = shutil.which(name)
@@ -102,7 +106,7 @@ def main(argv=None) -> int:
             compile_kernels(hopper.DEFAULT_VARIANT if variant == "-" else variant, d, transform,
                             Path(tmp))
             for kind in ("fwd", "bwd"):
-                cubin = next(Path(tmp).glob(f"*flash_{kind}_sm90*.cubin"))
+                cubin = next(c for name in KERNEL_NAMES[kind] for c in Path(tmp).glob(f"*{name}*.cubin"))
                 r = analyse(cubin)
                 lines.append(f"| {transform} | {variant} | {d} | {kind} | "
                              + " | ".join(str(r[c]) for c in PATTERNS) + f" | {r['reg']} | {r['stack']} |")

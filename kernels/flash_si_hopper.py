@@ -33,7 +33,11 @@ import torch
 try:  # optional: flash-attn-4 and nvidia-cutlass-dsl (Hopper machines only)
     import cutlass
     import cutlass.cute as cute
+    from cutlass import Float32, const_expr
     from flash_attn.cute import interface as _fa4
+    from flash_attn.cute.flash_fwd_sm90 import FlashAttentionForwardSm90
+    from flash_attn.cute.utils import AuxData
+    from quack import layout_utils
 except Exception as _err:  # noqa: BLE001 - any import failure means "not available here"
     _fa4 = None
     IMPORT_ERROR = f"{type(_err).__name__}: {_err}"
@@ -59,7 +63,11 @@ _CONTIGUOUS_CACHE: dict = {}
 #   swsqrt  y on the MUFU, a = u rsqrt(u) with the bit-trick guess and two Newton steps (8 FMA,
 #           relative error <= 5e-6): 1 MUFU
 #   sw      both in software: 0 MUFU
-VARIANTS = ("mufu", "swlog", "swsqrt", "sw")
+#   tile    forward: far from the diagonal (every distance of a key tile >= POLY_RATIO's bound),
+#           a(t) and m(t) as Taylor polynomials per (query row, key tile), evaluated with 5 FMA and
+#           no MUFU per element (the Triton kernel's POLY tiles, docs/kernel.md); the other tiles
+#           and the backward as `mufu`. Compiles, not yet timed or checked on a GPU.
+VARIANTS = ("mufu", "swlog", "swsqrt", "sw", "tile")
 DEFAULT_VARIANT = "mufu"
 VARIANT = DEFAULT_VARIANT  # what forward/backward use (benchmarks/hopper_variants.py sets it)
 
@@ -85,14 +93,14 @@ def transform_ptx(tau: float, variant: str, backward: bool) -> str:
     """PTX for one element: inputs $1 (f32: scaled score s, or dL in backward) and $2 (s32:
     q_idx - kv_idx); output $0 (f32: the logit L, or dL * a(t))."""
     c = dict(_F32, inv_tau=_f32_hex(1.0 / tau))
-    log2 = ("lg2.approx.ftz.f32 y, x;" if variant in ("mufu", "swsqrt") else
+    log2 = ("lg2.approx.ftz.f32 y, x;" if variant in ("mufu", "swsqrt", "tile") else
             "mov.b32 xb, x; shr.u32 eb, xb, 23; or.b32 eb, eb, 0x4B000000; mov.b32 e, eb;"
             " sub.ftz.f32 e, e, {e23_bias}; and.b32 mb, xb, 0x007FFFFF; or.b32 mb, mb, 0x3F800000;"
             " mov.b32 z, mb; sub.ftz.f32 z, z, {one}; fma.rn.ftz.f32 p, z, {c5}, {c4};"
             " fma.rn.ftz.f32 p, p, z, {c3}; fma.rn.ftz.f32 p, p, z, {c2};"
             " fma.rn.ftz.f32 p, p, z, {c1}; fma.rn.ftz.f32 y, p, z, e;")
     newton = "mul.ftz.f32 r2, r, r; fma.rn.ftz.f32 k, h, r2, {one5}; mul.ftz.f32 r, r, k;"
-    sqrt = ("sqrt.approx.ftz.f32 a, u;" if variant in ("mufu", "swlog") else
+    sqrt = ("sqrt.approx.ftz.f32 a, u;" if variant in ("mufu", "swlog", "tile") else
             "mov.b32 ub, u; shr.u32 rb, ub, 1; sub.s32 rb, 0x5F3759DF, rb; mov.b32 r, rb;"
             " mul.ftz.f32 h, u, {m05}; " + newton + " " + newton + " mul.ftz.f32 a, u, r;")
     tail = ("mul.ftz.f32 $0, $1, a;" if backward else
@@ -150,6 +158,101 @@ def score_mods(tau: float, variant: str = DEFAULT_VARIANT):
     score_mod.__cute_hash__ = f"scaleinv-si-fwd-{variant}-{tau!r}"
     score_mod_bwd.__cute_hash__ = f"scaleinv-si-bwd-{variant}-{tau!r}"
     return score_mod, score_mod_bwd
+
+
+# ----------------------------------------------------------------------------- the tile variant
+def row_taylor(te, x_c, scale, tau, log2, rsqrt, rcp):
+    """Coefficients (A0, A1, A2, M0, M1, M2) with, for a query row and key columns at distances
+    t = te + x_c - x (x >= 0 the column offset, te the centre distance):
+        scale * a(t) ~ A0 + A1 x + A2 x^2,   m(t) ~ M0 + M1 x + M2 x^2
+    the degree-2 Taylor polynomials around te (error: flash_si.poly_error_bound with span = the
+    row's column range). log2, rsqrt, rcp: the operations to use (MUFU on the GPU, numpy in tests).
+
+        f = ln(1 + t/tau),  f' = 1/(t + tau),  f'' = -f'^2;  m = 2 f,  a = sqrt(1 + m)
+        a' = f'/a,  a''/2 = -f'^2 (1 + 1/a^2) / (2 a),  m''/2 = -f'^2
+    """
+    m0 = log2(te * (1.0 / tau) + 1.0) * (2.0 * math.log(2.0))
+    ra = rsqrt(m0 + 1.0)
+    f1 = rcp(te + tau)
+    f1sq = f1 * f1
+    a = ((m0 + 1.0) * ra * scale, f1 * ra * scale, f1sq * ra * (ra * ra + 1.0) * (-0.5 * scale))
+    m = (m0, f1 * 2.0, f1sq * -1.0)
+
+    def in_x(p0, p1, p2):  # p0 + p1 z + p2 z^2 with z = x_c - x, as a polynomial in x
+        return (p0 + (p1 + p2 * x_c) * x_c, (p1 + p2 * x_c * 2.0) * -1.0, p2)
+
+    return in_x(*a) + in_x(*m)
+
+
+def poly_min_distance(tile_n: int, tau: float) -> int:
+    """Smallest t_min of a key tile that the `tile` variant evaluates by polynomial: a row's
+    column range (at most tile_n - 1) over t_min + tau below the Triton kernel's POLY_RATIO."""
+    from .flash_si import POLY_DEGREE, POLY_RATIO
+
+    return math.ceil((tile_n - 1) / POLY_RATIO[POLY_DEGREE] - tau)
+
+
+if IMPORT_ERROR is None:
+    class TileSIForward(FlashAttentionForwardSm90):
+        """FA4's SM90 forward whose score_mod step runs the polynomial on far key tiles (the
+        `tile` variant); `tau` is a class attribute (see _tile_forward_class)."""
+        tau = 10.0
+
+        @cute.jit
+        def apply_score_mod(self, thr_mma_qk, batch_idx, head_idx, m_block, acc_S, n_block,
+                            softmax_scale, seqlen, aux_data: AuxData = AuxData(),
+                            fastdiv_mods=None):
+            t_min = self.query_of_row(m_block * self.tile_m) - n_block * self.tile_n - (
+                self.tile_n - 1)
+            if t_min >= poly_min_distance(self.tile_n, self.tau):
+                self.apply_row_polynomials(thr_mma_qk, m_block, acc_S, n_block, softmax_scale)
+            else:
+                FlashAttentionForwardSm90.apply_score_mod(
+                    self, thr_mma_qk, batch_idx, head_idx, m_block, acc_S, n_block,
+                    softmax_scale, seqlen, aux_data, fastdiv_mods)
+
+        @cute.jit
+        def query_of_row(self, row):
+            """The query position of a tile row (with pack_gqa, FA4's rows interleave the query
+            heads of one key/value head: row = q * qhead_per_kvhead + head offset)."""
+            if const_expr(self.pack_gqa):
+                row = row // self.qhead_per_kvhead
+            return row
+
+        @cute.jit
+        def apply_row_polynomials(self, thr_mma_qk, m_block, acc_S, n_block, softmax_scale):
+            """L = a(t) softmax_scale S - m(t) on a key tile where every t >= t_min: per row
+            (a thread holds few) the Taylor coefficients (3 MUFU), per element 5 FMA. Column
+            offsets come from thread 0's slice, so they are compile-time constants."""
+            cS = cute.make_identity_tensor((self.tile_m, self.tile_n))
+            acc_mn = layout_utils.reshape_acc_to_mn(acc_S)
+            tScS_mn = layout_utils.reshape_acc_to_mn(thr_mma_qk.partition_C(cS))
+            t0ScS_mn = layout_utils.reshape_acc_to_mn(thr_mma_qk.get_slice(0).partition_C(cS))
+            ncol = cute.size(tScS_mn.shape[1])
+            x_c = Float32(t0ScS_mn[0, ncol - 1][1]) * 0.5
+            col0 = n_block * self.tile_n + tScS_mn[0][1]
+            for r in cutlass.range_constexpr(cute.size(tScS_mn.shape[0])):
+                t0 = Float32(self.query_of_row(m_block * self.tile_m + tScS_mn[r, 0][0]) - col0)
+                a0, a1, a2, m0, m1, m2 = row_taylor(t0 - x_c, x_c, softmax_scale, self.tau,
+                                                    _mufu_log2, _mufu_rsqrt, cute.arch.rcp_approx)
+                for c in cutlass.range_constexpr(ncol):
+                    x = Float32(t0ScS_mn[0, c][1])
+                    acc_mn[r, c] = (((a2 * x + a1) * x + a0) * acc_mn[r, c]
+                                    - ((m2 * x + m1) * x + m0))
+
+
+def _mufu_log2(x):
+    return cute.math.log2(x, fastmath=True)
+
+
+def _mufu_rsqrt(x):
+    return cute.math.rsqrt(x, fastmath=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _tile_forward_class(tau: float):
+    """TileSIForward with tau compiled in."""
+    return type(f"TileSIForward_tau{tau:g}", (TileSIForward,), {"tau": float(tau)})
 
 
 # ----------------------------------------------------------------------------- eligibility
@@ -220,8 +323,14 @@ def forward(q, k, v, q_pos=None, k_pos=None, q_seg=None, k_seg=None, *, scale, t
             transform, alibi_slopes=None):
     """out (B, Hq, N, D), lse (B, Hq, N) float32 natural log. Inputs as in the module docstring."""
     score_mod, _ = _mods(transform, tau)
-    out, lse, *_ = _fa4._flash_attn_fwd(_bnhd(q), _bnhd(k), _bnhd(v), softmax_scale=scale,
-                                        causal=True, score_mod=score_mod, return_lse=True)
+    kernel = _fa4.FlashAttentionForwardSm90
+    if score_mod is not None and VARIANT == "tile":  # FA4 builds its kernel from this name
+        _fa4.FlashAttentionForwardSm90 = _tile_forward_class(float(tau))
+    try:
+        out, lse, *_ = _fa4._flash_attn_fwd(_bnhd(q), _bnhd(k), _bnhd(v), softmax_scale=scale,
+                                            causal=True, score_mod=score_mod, return_lse=True)
+    finally:
+        _fa4.FlashAttentionForwardSm90 = kernel
     return out.transpose(1, 2), lse
 
 

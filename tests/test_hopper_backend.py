@@ -81,6 +81,32 @@ def test_hopper_matches_float64(d, hq, hkv):
         assert err <= max(1e-2, 1.25 * bar), f"{name}: {err:.2e} (flex {bar:.2e})"
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper_ready(), reason="needs an sm90 GPU with flash-attn-4")
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("hq, hkv", [(2, 2), (4, 2)])
+def test_tile_variant_matches_float64(d, hq, hkv, monkeypatch):
+    """The `tile` variant (polynomial on far key tiles: at N = 4096 most of them) against float64,
+    with the same tolerance as the default variant."""
+    monkeypatch.setattr(hopper, "VARIANT", "tile")
+    n = 4096
+    g = torch.Generator(device="cuda").manual_seed(d + hq)
+    q, do = (torch.randn(1, hq, n, d, device="cuda", generator=g).bfloat16() for _ in range(2))
+    k, v = (torch.randn(1, hkv, n, d, device="cuda", generator=g).bfloat16() for _ in range(2))
+    pos = torch.arange(n, device="cuda")
+    opts = dict(scale=d ** -0.5, tau=TAU, causal=True, transform="scale_invariant")
+    x64 = [x.double() for x in (q, k, v)]
+    r_out, r_lse = attention_reference.forward(*x64, pos[None], pos[None], **opts)
+    r_grads = attention_reference.backward(do.double(), *x64, r_out, r_lse, pos[None], pos[None],
+                                           **opts)
+    ours = _errors("hopper", q, k, v, do, pos)
+    flex = _errors("flex", q, k, v, do, pos)
+    for name, x, f, r in zip(("out", "lse", "dq", "dk", "dv"), [ours[0], ours[1], *ours[2]],
+                             [flex[0], flex[1], *flex[2]], [r_out, r_lse, *r_grads]):
+        err, bar = _rel(x, r), _rel(f, r)
+        assert err <= max(1e-2, 1.25 * bar), f"{name}: {err:.2e} (flex {bar:.2e})"
+
+
 def test_named_hopper_refuses_what_it_cannot_run():
     """Named, backend="hopper" says in one line why it cannot run the inputs (here: no GPU)."""
     q = torch.randn(1, 2, 16, 64)
@@ -241,3 +267,34 @@ def test_gqa_backward_runs_on_repeated_kv(monkeypatch):
     for name, g, w in zip(("dq", "dk", "dv"), got, want):
         assert g.shape == w.shape, name
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("tile_n", [64, 128, 176])
+def test_tile_row_polynomials_within_the_kernel_error_bound(tile_n):
+    """The `tile` variant's per-row Taylor coefficients (row_taylor, the code the kernel runs), in
+    float32 with approximate log2 / rsqrt / rcp, against the float64 logits, on rows at the
+    smallest distance the kernel admits and farther: |L_poly - L| stays under the Triton kernel's
+    bound (flash_si.poly_error_bound, span = the row's column range) plus 2e-6 (1 + |S|) of
+    float32 rounding."""
+    from scaleinv_dist.kernels.flash_si import poly_error_bound
+
+    rng = np.random.default_rng(tile_n)
+    f32 = np.float32
+    cols = np.array([c for c in range(tile_n) if c % 8 < 2], dtype=np.float64)  # one thread's
+    x_last = cols[-1]
+    t_first = hopper.poly_min_distance(tile_n, TAU)
+    for t_row_min in [t_first, t_first + 1, 3 * t_first, 10 ** 5, 3 * 10 ** 6]:
+        t0 = t_row_min + x_last  # distance at the thread's first column
+        scale = 128 ** -0.5
+        s_raw = rng.uniform(-30, 30, cols.size) / scale  # scaled scores up to |S| = 30
+        coef = hopper.row_taylor(f32(t0) - f32(0.5 * x_last), f32(0.5 * x_last), f32(scale), TAU,
+                                 np.log2, lambda u: f32(1) / np.sqrt(u), lambda u: f32(1) / u)
+        a0, a1, a2, m0, m1, m2 = (f32(c) for c in coef)
+        x = cols.astype(f32)
+        got = ((a2 * x + a1) * x + a0) * s_raw.astype(f32) - ((m2 * x + m1) * x + m0)
+        t = t0 - cols
+        m = 2 * np.log1p(t / TAU)
+        want = np.sqrt(1 + m) * scale * s_raw - m
+        bound = poly_error_bound(x_last, t_row_min, TAU, 30.0) + 2e-6 * (1 + 30.0)
+        err = np.abs(got.astype(np.float64) - want).max()
+        assert err <= bound, (t_row_min, err, bound)
