@@ -39,7 +39,7 @@ PATTERNS = {"MUFU.EX2": r"MUFU\.EX2", "MUFU.SQRT/RSQ": r"MUFU\.(SQRT|RSQ)", "MUF
 
 
 # the main kernels' cubin names (FA4's classes, or our subclass of its forward)
-KERNEL_NAMES = {"fwd": ("flash_fwd_sm90", "TileSIForward"), "bwd": ("flash_bwd_sm90",)}
+KERNEL_NAMES = {"fwd": ("flash_fwd_sm90", "TileSIForward"), "bwd": ("flash_bwd_sm90", "TileSIBackward")}
 
 
 def tool(name: str) -> str:

@@ -25,6 +25,7 @@ out, lse, ...) -> (dq, dk, dv) given an external out and lse.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -35,6 +36,7 @@ try:  # optional: flash-attn-4 and nvidia-cutlass-dsl (Hopper machines only)
     import cutlass.cute as cute
     from cutlass import Float32, const_expr
     from flash_attn.cute import interface as _fa4
+    from flash_attn.cute.flash_bwd_sm90 import FlashAttentionBackwardSm90
     from flash_attn.cute.flash_fwd_sm90 import FlashAttentionForwardSm90
     from flash_attn.cute.utils import AuxData
     from quack import layout_utils
@@ -63,10 +65,10 @@ _CONTIGUOUS_CACHE: dict = {}
 #   swsqrt  y on the MUFU, a = u rsqrt(u) with the bit-trick guess and two Newton steps (8 FMA,
 #           relative error <= 5e-6): 1 MUFU
 #   sw      both in software: 0 MUFU
-#   tile    forward: far from the diagonal (every distance of a key tile >= POLY_RATIO's bound),
-#           a(t) and m(t) as Taylor polynomials per (query row, key tile), evaluated with 5 FMA and
-#           no MUFU per element (the Triton kernel's POLY tiles, docs/kernel.md); the other tiles
-#           and the backward as `mufu`. Compiles, not yet timed or checked on a GPU.
+#   tile    far from the diagonal (every distance of a tile >= poly_min_distance), a(t) and m(t)
+#           as Taylor polynomials per accumulator row, 5 FMA and no MUFU per element (the Triton
+#           kernel's POLY tiles, docs/kernel.md), in the forward and the backward; near the
+#           diagonal `mufu`. Compiles, not yet timed or checked on a GPU.
 VARIANTS = ("mufu", "swlog", "swsqrt", "sw", "tile")
 DEFAULT_VARIANT = "mufu"
 VARIANT = DEFAULT_VARIANT  # what forward/backward use (benchmarks/hopper_variants.py sets it)
@@ -114,18 +116,10 @@ def transform_ptx(tau: float, variant: str, backward: bool) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def score_mods(tau: float, variant: str = DEFAULT_VARIANT):
-    """(score_mod, score_mod_bwd) for FA4, with tau and the variant compiled in.
-
-    FA4 calls score_mod on short vectors (TensorSSA) of scores already multiplied by softmax_scale,
-    with the matching q_idx / kv_idx (int32). score_mod_bwd gets dL (the gradient w.r.t. the
-    modified score) and returns the gradient w.r.t. the scaled score, dL * a(t).
-    """
+def transform_ops(tau: float, variant: str):
+    """(fwd_op, bwd_op): the per-element PTX as CuTe DSL ops, op(x: f32, q_idx - kv_idx: i32)."""
     from cutlass._mlir.dialects import llvm
     from cutlass.cutlass_dsl import T, dsl_user_op
-
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown Hopper transform variant {variant!r}; choose one of {VARIANTS}")
 
     def elementwise(ptx):
         @dsl_user_op
@@ -137,8 +131,20 @@ def score_mods(tau: float, variant: str = DEFAULT_VARIANT):
                 asm_dialect=llvm.AsmDialect.AD_ATT))
         return op
 
-    fwd_op = elementwise(transform_ptx(tau, variant, backward=False))
-    bwd_op = elementwise(transform_ptx(tau, variant, backward=True))
+    return tuple(elementwise(transform_ptx(tau, variant, backward=b)) for b in (False, True))
+
+
+@functools.lru_cache(maxsize=None)
+def score_mods(tau: float, variant: str = DEFAULT_VARIANT):
+    """(score_mod, score_mod_bwd) for FA4, with tau and the variant compiled in.
+
+    FA4 calls score_mod on short vectors (TensorSSA) of scores already multiplied by softmax_scale,
+    with the matching q_idx / kv_idx (int32). score_mod_bwd gets dL (the gradient w.r.t. the
+    modified score) and returns the gradient w.r.t. the scaled score, dL * a(t).
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown Hopper transform variant {variant!r}; choose one of {VARIANTS}")
+    fwd_op, bwd_op = transform_ops(tau, variant)
 
     @cute.jit
     def score_mod(scores, b_idx, h_idx, q_idx, kv_idx, seqlen_info, aux_tensors):
@@ -161,9 +167,10 @@ def score_mods(tau: float, variant: str = DEFAULT_VARIANT):
 
 
 # ----------------------------------------------------------------------------- the tile variant
-def row_taylor(te, x_c, scale, tau, log2, rsqrt, rcp):
-    """Coefficients (A0, A1, A2, M0, M1, M2) with, for a query row and key columns at distances
-    t = te + x_c - x (x >= 0 the column offset, te the centre distance):
+def row_taylor(te, x_c, scale, tau, log2, rsqrt, rcp, toward=1):
+    """Coefficients (A0, A1, A2, M0, M1, M2) with, for a row of scores at distances
+    t = te + toward (x_c - x) (x >= 0 the column offset, te the centre distance; toward = 1 when
+    the columns are keys, -1 when they are queries):
         scale * a(t) ~ A0 + A1 x + A2 x^2,   m(t) ~ M0 + M1 x + M2 x^2
     the degree-2 Taylor polynomials around te (error: flash_si.poly_error_bound with span = the
     row's column range). log2, rsqrt, rcp: the operations to use (MUFU on the GPU, numpy in tests).
@@ -175,8 +182,9 @@ def row_taylor(te, x_c, scale, tau, log2, rsqrt, rcp):
     ra = rsqrt(m0 + 1.0)
     f1 = rcp(te + tau)
     f1sq = f1 * f1
-    a = ((m0 + 1.0) * ra * scale, f1 * ra * scale, f1sq * ra * (ra * ra + 1.0) * (-0.5 * scale))
-    m = (m0, f1 * 2.0, f1sq * -1.0)
+    a = ((m0 + 1.0) * ra * scale, f1 * ra * (scale * toward),
+         f1sq * ra * (ra * ra + 1.0) * (-0.5 * scale))
+    m = (m0, f1 * (2.0 * toward), f1sq * -1.0)
 
     def in_x(p0, p1, p2):  # p0 + p1 z + p2 z^2 with z = x_c - x, as a polynomial in x
         return (p0 + (p1 + p2 * x_c) * x_c, (p1 + p2 * x_c * 2.0) * -1.0, p2)
@@ -184,61 +192,117 @@ def row_taylor(te, x_c, scale, tau, log2, rsqrt, rcp):
     return in_x(*a) + in_x(*m)
 
 
-def poly_min_distance(tile_n: int, tau: float) -> int:
-    """Smallest t_min of a key tile that the `tile` variant evaluates by polynomial: a row's
-    column range (at most tile_n - 1) over t_min + tau below the Triton kernel's POLY_RATIO."""
+def poly_min_distance(cols: int, tau: float) -> int:
+    """Smallest t_min of a tile that the `tile` variant evaluates by polynomial: a row's column
+    range (at most cols - 1) over t_min + tau below the Triton kernel's POLY_RATIO."""
     from .flash_si import POLY_DEGREE, POLY_RATIO
 
-    return math.ceil((tile_n - 1) / POLY_RATIO[POLY_DEGREE] - tau)
+    return math.ceil((cols - 1) / POLY_RATIO[POLY_DEGREE] - tau)
 
 
 if IMPORT_ERROR is None:
+    @cute.jit
+    def row_polynomials(acc, thr_mma, m_block, n_block, tile_m: cutlass.Constexpr,
+                        tile_n: cutlass.Constexpr, keys_are_rows: cutlass.Constexpr,
+                        pack: cutlass.Constexpr, tau: cutlass.Constexpr, scale,
+                        grad: cutlass.Constexpr):
+        """On a tile whose every distance passes poly_min_distance, per element 5 FMA and no MUFU:
+            grad False: acc = scale a(t) acc - m(t)   (the logits from raw scores)
+            grad True:  acc = a(t) acc                 (dL/dS from dL; pass scale = 1)
+        with per-row Taylor coefficients (row_taylor: 3 MUFU a row, and a thread holds few rows).
+        The accumulator is (queries x keys), or (keys x queries) when keys_are_rows (FA4's
+        backward with SdP_swapAB); pack = query heads packed into the rows (FA4's pack_gqa), else 1.
+        Column offsets come from thread 0's slice of the tile: compile-time constants."""
+        shape = (tile_n, tile_m) if const_expr(keys_are_rows) else (tile_m, tile_n)
+        cS = cute.make_identity_tensor(shape)
+        acc_mn = layout_utils.reshape_acc_to_mn(acc)
+        tScS_mn = layout_utils.reshape_acc_to_mn(thr_mma.partition_C(cS))
+        t0ScS_mn = layout_utils.reshape_acc_to_mn(thr_mma.get_slice(0).partition_C(cS))
+        ncol = cute.size(tScS_mn.shape[1])
+        x_c = Float32(t0ScS_mn[0, ncol - 1][1]) * 0.5
+        toward = -1 if const_expr(keys_are_rows) else 1
+        for r in cutlass.range_constexpr(cute.size(tScS_mn.shape[0])):
+            row, col = tScS_mn[r, 0][0], tScS_mn[0][1]  # this thread's first column
+            if const_expr(keys_are_rows):
+                t0 = Float32(m_block * tile_m + col - (n_block * tile_n + row))
+            else:
+                t0 = Float32((m_block * tile_m + row) // pack - (n_block * tile_n + col))
+            a0, a1, a2, m0, m1, m2 = row_taylor(t0 - x_c * toward, x_c, scale, tau, _mufu_log2,
+                                                _mufu_rsqrt, cute.arch.rcp_approx, toward)
+            for c in cutlass.range_constexpr(ncol):
+                x = Float32(t0ScS_mn[0, c][1])
+                if const_expr(grad):
+                    acc_mn[r, c] = ((a2 * x + a1) * x + a0) * acc_mn[r, c]
+                else:
+                    acc_mn[r, c] = (((a2 * x + a1) * x + a0) * acc_mn[r, c]
+                                    - ((m2 * x + m1) * x + m0))
+
+    @cute.jit
+    def far_tile(m_block, n_block, tile_m: cutlass.Constexpr, tile_n: cutlass.Constexpr,
+                 cols: cutlass.Constexpr, pack: cutlass.Constexpr, tau: cutlass.Constexpr):
+        """Whether every distance of the (m_block, n_block) tile passes poly_min_distance(cols)."""
+        return ((m_block * tile_m) // pack - n_block * tile_n - (tile_n - 1)
+                >= poly_min_distance(cols, tau))
+
     class TileSIForward(FlashAttentionForwardSm90):
-        """FA4's SM90 forward whose score_mod step runs the polynomial on far key tiles (the
-        `tile` variant); `tau` is a class attribute (see _tile_forward_class)."""
+        """FA4's SM90 forward with the polynomial on far key tiles (the `tile` variant); `tau` is
+        a class attribute (see _tile_classes)."""
         tau = 10.0
 
         @cute.jit
         def apply_score_mod(self, thr_mma_qk, batch_idx, head_idx, m_block, acc_S, n_block,
                             softmax_scale, seqlen, aux_data: AuxData = AuxData(),
                             fastdiv_mods=None):
-            t_min = self.query_of_row(m_block * self.tile_m) - n_block * self.tile_n - (
-                self.tile_n - 1)
-            if t_min >= poly_min_distance(self.tile_n, self.tau):
-                self.apply_row_polynomials(thr_mma_qk, m_block, acc_S, n_block, softmax_scale)
+            pack = self.qhead_per_kvhead if const_expr(self.pack_gqa) else 1
+            if far_tile(m_block, n_block, self.tile_m, self.tile_n, self.tile_n, pack, self.tau):
+                row_polynomials(acc_S, thr_mma_qk, m_block, n_block, self.tile_m, self.tile_n,
+                                False, pack, self.tau, softmax_scale, False)
             else:
                 FlashAttentionForwardSm90.apply_score_mod(
                     self, thr_mma_qk, batch_idx, head_idx, m_block, acc_S, n_block,
                     softmax_scale, seqlen, aux_data, fastdiv_mods)
 
-        @cute.jit
-        def query_of_row(self, row):
-            """The query position of a tile row (with pack_gqa, FA4's rows interleave the query
-            heads of one key/value head: row = q * qhead_per_kvhead + head offset)."""
-            if const_expr(self.pack_gqa):
-                row = row // self.qhead_per_kvhead
-            return row
+    class TileSIBackward(FlashAttentionBackwardSm90):
+        """FA4's SM90 backward with the polynomial on far tiles, for the recomputed logits and
+        for dL/dS. Near the diagonal dL/dS runs `mufu`'s op from the indices alone, so FA4's copy
+        of the unmodified scores (acc_S_pre) is never read and its registers are freed."""
+        tau = 10.0
 
         @cute.jit
-        def apply_row_polynomials(self, thr_mma_qk, m_block, acc_S, n_block, softmax_scale):
-            """L = a(t) softmax_scale S - m(t) on a key tile where every t >= t_min: per row
-            (a thread holds few) the Taylor coefficients (3 MUFU), per element 5 FMA. Column
-            offsets come from thread 0's slice, so they are compile-time constants."""
-            cS = cute.make_identity_tensor((self.tile_m, self.tile_n))
-            acc_mn = layout_utils.reshape_acc_to_mn(acc_S)
-            tScS_mn = layout_utils.reshape_acc_to_mn(thr_mma_qk.partition_C(cS))
-            t0ScS_mn = layout_utils.reshape_acc_to_mn(thr_mma_qk.get_slice(0).partition_C(cS))
-            ncol = cute.size(tScS_mn.shape[1])
-            x_c = Float32(t0ScS_mn[0, ncol - 1][1]) * 0.5
-            col0 = n_block * self.tile_n + tScS_mn[0][1]
-            for r in cutlass.range_constexpr(cute.size(tScS_mn.shape[0])):
-                t0 = Float32(self.query_of_row(m_block * self.tile_m + tScS_mn[r, 0][0]) - col0)
-                a0, a1, a2, m0, m1, m2 = row_taylor(t0 - x_c, x_c, softmax_scale, self.tau,
-                                                    _mufu_log2, _mufu_rsqrt, cute.arch.rcp_approx)
-                for c in cutlass.range_constexpr(ncol):
-                    x = Float32(t0ScS_mn[0, c][1])
-                    acc_mn[r, c] = (((a2 * x + a1) * x + a0) * acc_mn[r, c]
-                                    - ((m2 * x + m1) * x + m0))
+        def apply_score_mod(self, acc_S, thr_mma_SdP, batch_idx, head_idx, m_block, n_block,
+                            softmax_scale, seqlen_info, aux_data: AuxData = AuxData(),
+                            fastdiv_mods=(None, None)):
+            if far_tile(m_block, n_block, self.tile_m, self.tile_n, self.row_cols(), 1, self.tau):
+                row_polynomials(acc_S, thr_mma_SdP, m_block, n_block, self.tile_m, self.tile_n,
+                                self.SdP_swapAB, 1, self.tau, softmax_scale, False)
+            else:
+                FlashAttentionBackwardSm90.apply_score_mod(
+                    self, acc_S, thr_mma_SdP, batch_idx, head_idx, m_block, n_block,
+                    softmax_scale, seqlen_info, aux_data, fastdiv_mods)
+
+        @cute.jit
+        def apply_score_mod_bwd(self, grad_tensor, score_tensor, thr_mma_SdP, batch_idx,
+                                head_idx, m_block, n_block, softmax_scale, seqlen_info,
+                                aux_data: AuxData = AuxData(), fastdiv_mods=(None, None)):
+            if far_tile(m_block, n_block, self.tile_m, self.tile_n, self.row_cols(), 1, self.tau):
+                row_polynomials(grad_tensor, thr_mma_SdP, m_block, n_block, self.tile_m,
+                                self.tile_n, self.SdP_swapAB, 1, self.tau, 1.0, True)
+            else:
+                swap = self.SdP_swapAB
+                cS = cute.make_identity_tensor((self.tile_n, self.tile_m) if const_expr(swap)
+                                               else (self.tile_m, self.tile_n))
+                cS = cute.domain_offset((n_block * self.tile_n, m_block * self.tile_m)
+                                        if const_expr(swap)
+                                        else (m_block * self.tile_m, n_block * self.tile_n), cS)
+                tScS = thr_mma_SdP.partition_C(cS)
+                bwd_op = transform_ops(self.tau, "mufu")[1]
+                q_at, k_at = (1, 0) if const_expr(swap) else (0, 1)
+                for i in cutlass.range_constexpr(cute.size(grad_tensor.shape)):
+                    grad_tensor[i] = bwd_op(grad_tensor[i], tScS[i][q_at] - tScS[i][k_at])
+
+        def row_cols(self) -> int:
+            """Columns of a row of the S / dP accumulator: queries when SdP_swapAB, else keys."""
+            return self.tile_m if self.SdP_swapAB else self.tile_n
 
 
 def _mufu_log2(x):
@@ -250,9 +314,10 @@ def _mufu_rsqrt(x):
 
 
 @functools.lru_cache(maxsize=None)
-def _tile_forward_class(tau: float):
-    """TileSIForward with tau compiled in."""
-    return type(f"TileSIForward_tau{tau:g}", (TileSIForward,), {"tau": float(tau)})
+def _tile_classes(tau: float):
+    """(TileSIForward, TileSIBackward) with tau compiled in."""
+    return tuple(type(f"{base.__name__}_tau{tau:g}", (base,), {"tau": float(tau)})
+                 for base in (TileSIForward, TileSIBackward))
 
 
 # ----------------------------------------------------------------------------- eligibility
@@ -315,6 +380,21 @@ def _bnhd(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+@contextlib.contextmanager
+def _kernel_classes(transform_on: bool, tau: float):
+    """With the `tile` variant, FA4 builds our subclasses of its SM90 kernels (it looks their
+    classes up by name in its interface module at each call)."""
+    if not (transform_on and VARIANT == "tile"):
+        yield
+        return
+    saved = _fa4.FlashAttentionForwardSm90, _fa4.FlashAttentionBackwardSm90
+    _fa4.FlashAttentionForwardSm90, _fa4.FlashAttentionBackwardSm90 = _tile_classes(float(tau))
+    try:
+        yield
+    finally:
+        _fa4.FlashAttentionForwardSm90, _fa4.FlashAttentionBackwardSm90 = saved
+
+
 def _mods(transform: str, tau: float):
     return score_mods(float(tau), VARIANT) if transform == "scale_invariant" else (None, None)
 
@@ -323,14 +403,9 @@ def forward(q, k, v, q_pos=None, k_pos=None, q_seg=None, k_seg=None, *, scale, t
             transform, alibi_slopes=None):
     """out (B, Hq, N, D), lse (B, Hq, N) float32 natural log. Inputs as in the module docstring."""
     score_mod, _ = _mods(transform, tau)
-    kernel = _fa4.FlashAttentionForwardSm90
-    if score_mod is not None and VARIANT == "tile":  # FA4 builds its kernel from this name
-        _fa4.FlashAttentionForwardSm90 = _tile_forward_class(float(tau))
-    try:
+    with _kernel_classes(score_mod is not None, tau):
         out, lse, *_ = _fa4._flash_attn_fwd(_bnhd(q), _bnhd(k), _bnhd(v), softmax_scale=scale,
                                             causal=True, score_mod=score_mod, return_lse=True)
-    finally:
-        _fa4.FlashAttentionForwardSm90 = kernel
     return out.transpose(1, 2), lse
 
 
@@ -344,9 +419,10 @@ def backward(dout, q, k, v, out, lse, q_pos=None, k_pos=None, q_seg=None, k_seg=
         # its plain GQA backward is right): run it on K, V repeated per query head and sum the
         # key/value gradients over each group.
         k, v = (x.repeat_interleave(group, dim=1) for x in (k, v))
-    dq, dk, dv = _fa4._flash_attn_bwd(_bnhd(q), _bnhd(k), _bnhd(v), _bnhd(out), _bnhd(dout),
-                                      lse.float().contiguous(), scale, True,
-                                      score_mod=score_mod, score_mod_bwd=score_mod_bwd)
+    with _kernel_classes(score_mod is not None, tau):
+        dq, dk, dv = _fa4._flash_attn_bwd(_bnhd(q), _bnhd(k), _bnhd(v), _bnhd(out), _bnhd(dout),
+                                          lse.float().contiguous(), scale, True,
+                                          score_mod=score_mod, score_mod_bwd=score_mod_bwd)
     dk, dv = (x.transpose(1, 2) for x in (dk, dv))
     if group > 1 and score_mod is not None:
         b, h, n, d = dk.shape

@@ -269,8 +269,9 @@ def test_gqa_backward_runs_on_repeated_kv(monkeypatch):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("toward", [1, -1])  # columns are keys (forward) or queries (backward)
 @pytest.mark.parametrize("tile_n", [64, 128, 176])
-def test_tile_row_polynomials_within_the_kernel_error_bound(tile_n):
+def test_tile_row_polynomials_within_the_kernel_error_bound(tile_n, toward):
     """The `tile` variant's per-row Taylor coefficients (row_taylor, the code the kernel runs), in
     float32 with approximate log2 / rsqrt / rcp, against the float64 logits, on rows at the
     smallest distance the kernel admits and farther: |L_poly - L| stays under the Triton kernel's
@@ -284,15 +285,17 @@ def test_tile_row_polynomials_within_the_kernel_error_bound(tile_n):
     x_last = cols[-1]
     t_first = hopper.poly_min_distance(tile_n, TAU)
     for t_row_min in [t_first, t_first + 1, 3 * t_first, 10 ** 5, 3 * 10 ** 6]:
-        t0 = t_row_min + x_last  # distance at the thread's first column
+        t0 = t_row_min + x_last if toward == 1 else t_row_min  # at the thread's first column
         scale = 128 ** -0.5
         s_raw = rng.uniform(-30, 30, cols.size) / scale  # scaled scores up to |S| = 30
-        coef = hopper.row_taylor(f32(t0) - f32(0.5 * x_last), f32(0.5 * x_last), f32(scale), TAU,
-                                 np.log2, lambda u: f32(1) / np.sqrt(u), lambda u: f32(1) / u)
+        x_c = 0.5 * x_last
+        coef = hopper.row_taylor(f32(t0) - f32(x_c * toward), f32(x_c), f32(scale), TAU, np.log2,
+                                 lambda u: f32(1) / np.sqrt(u), lambda u: f32(1) / u, toward)
         a0, a1, a2, m0, m1, m2 = (f32(c) for c in coef)
         x = cols.astype(f32)
         got = ((a2 * x + a1) * x + a0) * s_raw.astype(f32) - ((m2 * x + m1) * x + m0)
-        t = t0 - cols
+        t = t0 - toward * cols
+        assert t.min() == t_row_min
         m = 2 * np.log1p(t / TAU)
         want = np.sqrt(1 + m) * scale * s_raw - m
         bound = poly_error_bound(x_last, t_row_min, TAU, 30.0) + 2e-6 * (1 + 30.0)
