@@ -295,7 +295,7 @@ if IMPORT_ERROR is None:
                                         if const_expr(swap)
                                         else (m_block * self.tile_m, n_block * self.tile_n), cS)
                 tScS = thr_mma_SdP.partition_C(cS)
-                bwd_op = transform_ops(self.tau, "mufu")[1]
+                bwd_op = transform_ops(self.tau, "tile")[1]  # its PTX is mufu's
                 q_at, k_at = (1, 0) if const_expr(swap) else (0, 1)
                 for i in cutlass.range_constexpr(cute.size(grad_tensor.shape)):
                     grad_tensor[i] = bwd_op(grad_tensor[i], tScS[i][q_at] - tScS[i][k_at])

@@ -53,47 +53,13 @@ def _errors(backend, q, k, v, do, pos):
     return out, lse, [x.grad for x in leaves]
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not _hopper_ready(), reason="needs an sm90 GPU with flash-attn-4")
-@pytest.mark.parametrize("d", hopper.HEAD_DIMS)
-@pytest.mark.parametrize("hq, hkv", [(2, 2), (4, 2)])
-def test_hopper_matches_float64(d, hq, hkv):
-    """Tolerance: relative error <= 1e-2 (bf16 operands) and no worse than 1.25x FlexAttention's
-    on the same inputs."""
-    n = 2048
-    g = torch.Generator(device="cuda").manual_seed(d * 10 + hq)
-    q = torch.randn(1, hq, n, d, device="cuda", generator=g).bfloat16()
-    k, v = (torch.randn(1, hkv, n, d, device="cuda", generator=g).bfloat16() for _ in range(2))
-    do = torch.randn(1, hq, n, d, device="cuda", generator=g).bfloat16()
-    pos = torch.arange(1000, 1000 + n, device="cuda")  # any start: only differences matter
-    opts = dict(scale=d ** -0.5, tau=TAU, causal=True, transform="scale_invariant")
-    r_out, r_lse = attention_reference.forward(q.double(), k.double(), v.double(), pos[None],
-                                               pos[None], **opts)
-    r_grads = attention_reference.backward(do.double(), q.double(), k.double(), v.double(), r_out,
-                                           r_lse, pos[None], pos[None], **opts)
-    refs = [r_out, r_lse, *r_grads]
-    ours = _errors("hopper", q, k, v, do, pos)
-    flex = _errors("flex", q, k, v, do, pos)
-    for name, x, f, r in zip(("out", "lse", "dq", "dk", "dv"), [ours[0], ours[1], *ours[2]],
-                             [flex[0], flex[1], *flex[2]], refs):
-        assert torch.isfinite(x).all(), name
-        err, bar = _rel(x, r), _rel(f, r)
-        assert err <= max(1e-2, 1.25 * bar), f"{name}: {err:.2e} (flex {bar:.2e})"
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not _hopper_ready(), reason="needs an sm90 GPU with flash-attn-4")
-@pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("hq, hkv", [(2, 2), (4, 2)])
-def test_tile_variant_matches_float64(d, hq, hkv, monkeypatch):
-    """The `tile` variant (polynomial on far key tiles: at N = 4096 most of them) against float64,
-    with the same tolerance as the default variant."""
-    monkeypatch.setattr(hopper, "VARIANT", "tile")
-    n = 4096
-    g = torch.Generator(device="cuda").manual_seed(d + hq)
+def _assert_matches_float64(n, d, hq, hkv, seed):
+    """The hopper backend (bf16, autograd) against float64 on random inputs. Tolerance: relative
+    error <= 1e-2 (bf16 operands) and no worse than 1.25x FlexAttention's on the same inputs."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
     q, do = (torch.randn(1, hq, n, d, device="cuda", generator=g).bfloat16() for _ in range(2))
     k, v = (torch.randn(1, hkv, n, d, device="cuda", generator=g).bfloat16() for _ in range(2))
-    pos = torch.arange(n, device="cuda")
+    pos = torch.arange(1000, 1000 + n, device="cuda")  # any start: only differences matter
     opts = dict(scale=d ** -0.5, tau=TAU, causal=True, transform="scale_invariant")
     x64 = [x.double() for x in (q, k, v)]
     r_out, r_lse = attention_reference.forward(*x64, pos[None], pos[None], **opts)
@@ -103,8 +69,28 @@ def test_tile_variant_matches_float64(d, hq, hkv, monkeypatch):
     flex = _errors("flex", q, k, v, do, pos)
     for name, x, f, r in zip(("out", "lse", "dq", "dk", "dv"), [ours[0], ours[1], *ours[2]],
                              [flex[0], flex[1], *flex[2]], [r_out, r_lse, *r_grads]):
+        assert torch.isfinite(x).all(), name
         err, bar = _rel(x, r), _rel(f, r)
         assert err <= max(1e-2, 1.25 * bar), f"{name}: {err:.2e} (flex {bar:.2e})"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper_ready(), reason="needs an sm90 GPU with flash-attn-4")
+@pytest.mark.parametrize("d", hopper.HEAD_DIMS)
+@pytest.mark.parametrize("hq, hkv", [(2, 2), (4, 2)])
+def test_hopper_matches_float64(d, hq, hkv):
+    """The default variant at every supported head dim, with and without GQA."""
+    _assert_matches_float64(2048, d, hq, hkv, seed=d * 10 + hq)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper_ready(), reason="needs an sm90 GPU with flash-attn-4")
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("hq, hkv", [(2, 2), (4, 2)])
+def test_tile_variant_matches_float64(d, hq, hkv, monkeypatch):
+    """The `tile` variant (polynomial on far tiles: at N = 4096 most of them)."""
+    monkeypatch.setattr(hopper, "VARIANT", "tile")
+    _assert_matches_float64(4096, d, hq, hkv, seed=d + hq)
 
 
 def test_named_hopper_refuses_what_it_cannot_run():
