@@ -350,6 +350,8 @@ def results_header(argv=None) -> str:
     import triton
 
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0]] + (argv or sys.argv[1:]))
+    if "SCALEINV_HOPPER_VARIANT" in os.environ:
+        command = f"SCALEINV_HOPPER_VARIANT={os.environ['SCALEINV_HOPPER_VARIANT']} {command}"
     return (f"## {datetime.datetime.now():%Y-%m-%d %H:%M} — {torch.cuda.get_device_name()}, "
             f"torch {torch.__version__}, triton {triton.__version__}\n\nCommand: `{command}`\n")
 

@@ -103,7 +103,7 @@ def main(argv=None) -> int:
              for v in args.variants.split(",")]
     for transform, variant, d in runs:
         with tempfile.TemporaryDirectory() as tmp:
-            compile_kernels(hopper.DEFAULT_VARIANT if variant == "-" else variant, d, transform,
+            compile_kernels("mufu" if variant == "-" else variant, d, transform,
                             Path(tmp))
             for kind in ("fwd", "bwd"):
                 cubin = next(c for name in KERNEL_NAMES[kind] for c in Path(tmp).glob(f"*{name}*.cubin"))

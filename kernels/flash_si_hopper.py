@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 
 import torch
 
@@ -68,10 +69,16 @@ _CONTIGUOUS_CACHE: dict = {}
 #   tile    far from the diagonal (every distance of a tile >= poly_min_distance), a(t) and m(t)
 #           as Taylor polynomials per accumulator row, 5 FMA and no MUFU per element (the Triton
 #           kernel's POLY tiles, docs/kernel.md), in the forward and the backward; near the
-#           diagonal `mufu`. Compiles, not yet timed or checked on a GPU.
+#           diagonal `mufu`.
+#   auto    the fastest measured per direction and head dim (`pick_variant`): `tile` in the
+#           forward; in the backward `tile` below D = 128 and `mufu` from D = 128 (one H100,
+#           2026-12-05, benchmarks/hopper_variants.py: at D = 128 the backward's transform is
+#           already hidden under its matmuls, and tile's per-row setup costs more than it saves).
 VARIANTS = ("mufu", "swlog", "swsqrt", "sw", "tile")
-DEFAULT_VARIANT = "mufu"
-VARIANT = DEFAULT_VARIANT  # what forward/backward use (benchmarks/hopper_variants.py sets it)
+DEFAULT_VARIANT = "auto"
+# What forward/backward use: the environment variable SCALEINV_HOPPER_VARIANT, else the default
+# (benchmarks/hopper_variants.py sets it per row).
+VARIANT = os.environ.get("SCALEINV_HOPPER_VARIANT", DEFAULT_VARIANT)
 
 # log2(1 + z) ~ z (c1 + c2 z + c3 z^2 + c4 z^3 + c5 z^4) on [0, 1): a least-squares fit on Chebyshev
 # nodes, rounded to float32 (|error| <= 6e-5); the PTX takes float32 immediates in hex.
@@ -135,7 +142,7 @@ def transform_ops(tau: float, variant: str):
 
 
 @functools.lru_cache(maxsize=None)
-def score_mods(tau: float, variant: str = DEFAULT_VARIANT):
+def score_mods(tau: float, variant: str):
     """(score_mod, score_mod_bwd) for FA4, with tau and the variant compiled in.
 
     FA4 calls score_mod on short vectors (TensorSSA) of scores already multiplied by softmax_scale,
@@ -380,11 +387,21 @@ def _bnhd(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def pick_variant(variant: str, head_dim: int, backward: bool) -> str:
+    """The concrete variant that `variant` ("auto" or one of VARIANTS) means for one direction."""
+    if variant != "auto":
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown Hopper transform variant {variant!r} (SCALEINV_HOPPER_VARIANT)"
+                             f"; choose auto or one of {', '.join(VARIANTS)}")
+        return variant
+    return "mufu" if backward and head_dim >= 128 else "tile"
+
+
 @contextlib.contextmanager
-def _kernel_classes(transform_on: bool, tau: float):
+def _kernel_classes(variant, tau: float):
     """With the `tile` variant, FA4 builds our subclasses of its SM90 kernels (it looks their
     classes up by name in its interface module at each call)."""
-    if not (transform_on and VARIANT == "tile"):
+    if variant != "tile":
         yield
         return
     saved = _fa4.FlashAttentionForwardSm90, _fa4.FlashAttentionBackwardSm90
@@ -395,15 +412,20 @@ def _kernel_classes(transform_on: bool, tau: float):
         _fa4.FlashAttentionForwardSm90, _fa4.FlashAttentionBackwardSm90 = saved
 
 
-def _mods(transform: str, tau: float):
-    return score_mods(float(tau), VARIANT) if transform == "scale_invariant" else (None, None)
+def _mods(transform: str, tau: float, head_dim: int, backward: bool):
+    """(variant or None, score_mod, score_mod_bwd) for one call: (None, None, None) without the
+    transform."""
+    if transform != "scale_invariant":
+        return None, None, None
+    variant = pick_variant(VARIANT, head_dim, backward)
+    return (variant, *score_mods(float(tau), variant))
 
 
 def forward(q, k, v, q_pos=None, k_pos=None, q_seg=None, k_seg=None, *, scale, tau, causal,
             transform, alibi_slopes=None):
     """out (B, Hq, N, D), lse (B, Hq, N) float32 natural log. Inputs as in the module docstring."""
-    score_mod, _ = _mods(transform, tau)
-    with _kernel_classes(score_mod is not None, tau):
+    variant, score_mod, _ = _mods(transform, tau, q.shape[-1], backward=False)
+    with _kernel_classes(variant, tau):
         out, lse, *_ = _fa4._flash_attn_fwd(_bnhd(q), _bnhd(k), _bnhd(v), softmax_scale=scale,
                                             causal=True, score_mod=score_mod, return_lse=True)
     return out.transpose(1, 2), lse
@@ -412,14 +434,14 @@ def forward(q, k, v, q_pos=None, k_pos=None, q_seg=None, k_seg=None, *, scale, t
 def backward(dout, q, k, v, out, lse, q_pos=None, k_pos=None, q_seg=None, k_seg=None, *, scale,
              tau, causal, transform, alibi_slopes=None):
     """(dq, dk, dv) in the inputs' layout, given an external out and lse (from any backend)."""
-    score_mod, score_mod_bwd = _mods(transform, tau)
+    variant, score_mod, score_mod_bwd = _mods(transform, tau, q.shape[-1], backward=True)
     group = q.shape[1] // k.shape[1]
     if group > 1 and score_mod is not None:
         # FA4's SM90 backward with a score_mod is wrong under GQA (dq, dk, dv; measured on an H200,
         # its plain GQA backward is right): run it on K, V repeated per query head and sum the
         # key/value gradients over each group.
         k, v = (x.repeat_interleave(group, dim=1) for x in (k, v))
-    with _kernel_classes(score_mod is not None, tau):
+    with _kernel_classes(variant, tau):
         dq, dk, dv = _fa4._flash_attn_bwd(_bnhd(q), _bnhd(k), _bnhd(v), _bnhd(out), _bnhd(dout),
                                           lse.float().contiguous(), scale, True,
                                           score_mod=score_mod, score_mod_bwd=score_mod_bwd)

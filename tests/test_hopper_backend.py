@@ -243,6 +243,7 @@ def test_gqa_backward_runs_on_repeated_kv(monkeypatch):
 
     monkeypatch.setattr(hopper, "_fa4", SimpleNamespace(_flash_attn_bwd=fake_bwd))
     monkeypatch.setattr(hopper, "score_mods", lambda tau, variant: ("fwd", "bwd"))
+    monkeypatch.setattr(hopper, "VARIANT", "mufu")  # FA4's own classes (the fake has none)
     torch.manual_seed(0)
     q, do = (torch.randn(2, 6, 40, 16, dtype=torch.float64) for _ in range(2))
     k, v = (torch.randn(2, 2, 40, 16, dtype=torch.float64) for _ in range(2))
