@@ -49,12 +49,30 @@ def check(variant, d, device):
     return check_case(4096, d, 2, 2, pos, pos, device, d, "hopper")
 
 
+def fwd_tile_options(spec: str) -> dict:
+    """'128x176/rs/ol' -> FA4 forward options (tile_mn; rs|ss: P@V from registers or shared
+    memory; ol|nool: intra-warpgroup overlap); '' -> {} (FA4's own choice)."""
+    if not spec:
+        return {}
+    tile, *flags = spec.split("/")
+    m, n = (int(x) for x in tile.split("x"))
+    opts = {"tile_mn": (m, n)}
+    for f in flags:
+        if f not in ("rs", "ss", "ol", "nool"):
+            raise SystemExit(f"--fwd-tiles: unknown flag {f!r} in {spec!r}; use rs|ss and ol|nool")
+        opts["mma_pv_is_rs" if f in ("rs", "ss") else "intra_wg_overlap"] = f in ("rs", "ol")
+    return opts
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", default="16384,65536")
     ap.add_argument("--d", default="128,64")
     ap.add_argument("--variants", default=",".join(hopper.VARIANTS))
     ap.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
+    ap.add_argument("--fwd-tiles", default="",
+                    help="comma list of forward tile options for the variants, e.g. "
+                         "128x128/rs/ol,128x176/rs/ol ('' = FA4's own choice; plain FA4 keeps it)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     args = ap.parse_args(argv)
     if hopper.IMPORT_ERROR is not None or not torch.cuda.is_available():
@@ -62,15 +80,20 @@ def main(argv=None):
                  f"({hopper.IMPORT_ERROR or 'no CUDA'})")
     device = torch.device("cuda")
     ns, dims = [int(x) for x in args.n.split(",")], [int(x) for x in args.d.split(",")]
-    variants = [x for x in args.variants.split(",") if x]
+    tiles = args.fwd_tiles.split(",")
+    variants = [(x, t) for x in args.variants.split(",") if x for t in tiles]
+
+    def label(variant, tile):
+        return f"{variant} [{tile}]" if tile else variant
     lines = ["| D | variant | out | lse | dq | dk | dv |", "|---|---|---|---|---|---|---|"]
     for d in dims:
-        for variant in variants:
+        for variant, tile in variants:
+            hopper.FWD_TILE_OPTIONS = fwd_tile_options(tile)
             try:
                 errs = " | ".join(f"{e:.2e}" for e in check(variant, d, device))
             except Exception as err:  # noqa: BLE001 - one failing variant must not hide the others
                 errs = f"failed: {type(err).__name__}: {str(err)[:300]} | | | |"
-            lines.append(f"| {d} | {variant} | {errs} |")
+            lines.append(f"| {d} | {label(variant, tile)} | {errs} |")
             print(lines[-1], flush=True)
     lines += ["", "| D | N (BxH) | kernel | fwd TFLOP/s | bwd TFLOP/s | fwd / plain | bwd / plain "
               "| extra fwd ps/elem | extra bwd ps/elem |", "|---|---|---|---|---|---|---|---|---|"]
@@ -81,8 +104,11 @@ def main(argv=None):
             q, k, v, do = (torch.randn(b, h, n, d, device=device, generator=g, dtype=torch.bfloat16)
                            for _ in range(4))
             flops, elems = fwd_flops(b, h, n, d), b * h * n * n / 2
+            hopper.FWD_TILE_OPTIONS = {}
             plain = run("mufu", "none", q, k, v, do, args.rep)
-            for name, vname in [("fa4 plain", None)] + [(f"si {x}", x) for x in variants]:
+            for name, vname, tile in [("fa4 plain", None, "")] + [(f"si {label(x, t)}", x, t)
+                                                                  for x, t in variants]:
+                hopper.FWD_TILE_OPTIONS = fwd_tile_options(tile)
                 try:
                     t_f, t_b = plain if vname is None else run(vname, "scale_invariant", q, k, v,
                                                                do, args.rep)

@@ -79,6 +79,9 @@ DEFAULT_VARIANT = "auto"
 # What forward/backward use: the environment variable SCALEINV_HOPPER_VARIANT, else the default
 # (benchmarks/hopper_variants.py sets it per row).
 VARIANT = os.environ.get("SCALEINV_HOPPER_VARIANT", DEFAULT_VARIANT)
+# FA4 forward tile options for the transform (tile_mn, mma_pv_is_rs, intra_wg_overlap); empty:
+# FA4's own choice per head dim (benchmarks/hopper_variants.py --fwd-tiles times others).
+FWD_TILE_OPTIONS: dict = {}
 
 # log2(1 + z) ~ z (c1 + c2 z + c3 z^2 + c4 z^3 + c5 z^4) on [0, 1): a least-squares fit on Chebyshev
 # nodes, rounded to float32 (|error| <= 6e-5); the PTX takes float32 immediates in hex.
@@ -427,7 +430,8 @@ def forward(q, k, v, q_pos=None, k_pos=None, q_seg=None, k_seg=None, *, scale, t
     variant, score_mod, _ = _mods(transform, tau, q.shape[-1], backward=False)
     with _kernel_classes(variant, tau):
         out, lse, *_ = _fa4._flash_attn_fwd(_bnhd(q), _bnhd(k), _bnhd(v), softmax_scale=scale,
-                                            causal=True, score_mod=score_mod, return_lse=True)
+                                            causal=True, score_mod=score_mod, return_lse=True,
+                                            **(FWD_TILE_OPTIONS if score_mod is not None else {}))
     return out.transpose(1, 2), lse
 
 
