@@ -71,10 +71,13 @@ _CONTIGUOUS_CACHE: dict = {}
 #           kernel's POLY tiles, docs/kernel.md), in the forward and the backward; near the
 #           diagonal `mufu`.
 #   auto    the fastest measured per direction and head dim (`pick_variant`): `tile` in the
-#           forward; in the backward `tile` below D = 128 and `mufu` from D = 128 (one H100,
+#           forward; in the backward `tile` at D = 64 and `mufu` at D = 128 (one H100,
 #           2026-12-05, benchmarks/hopper_variants.py: at D = 128 the backward's transform is
-#           already hidden under its matmuls, and tile's per-row setup costs more than it saves).
+#           already hidden under its matmuls, and tile's per-row setup costs more than it saves);
+#           `mufu` at the head dims where `tile` has not been checked on a GPU.
 VARIANTS = ("mufu", "swlog", "swsqrt", "sw", "tile")
+TILE_GPU_CHECKED = (64, 128)  # head dims at which `tile` passed the float64 GPU test; `auto`
+                              # takes `mufu` at the others
 DEFAULT_VARIANT = "auto"
 # What forward/backward use: the environment variable SCALEINV_HOPPER_VARIANT, else the default
 # (benchmarks/hopper_variants.py sets it per row).
@@ -397,7 +400,9 @@ def pick_variant(variant: str, head_dim: int, backward: bool) -> str:
             raise ValueError(f"unknown Hopper transform variant {variant!r} (SCALEINV_HOPPER_VARIANT)"
                              f"; choose auto or one of {', '.join(VARIANTS)}")
         return variant
-    return "mufu" if backward and head_dim >= 128 else "tile"
+    if head_dim not in TILE_GPU_CHECKED or (backward and head_dim >= 128):
+        return "mufu"
+    return "tile"
 
 
 @contextlib.contextmanager

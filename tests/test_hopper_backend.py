@@ -288,3 +288,16 @@ def test_tile_row_polynomials_within_the_kernel_error_bound(tile_n, toward):
         bound = poly_error_bound(x_last, t_row_min, TAU, 30.0) + 2e-6 * (1 + 30.0)
         err = np.abs(got.astype(np.float64) - want).max()
         assert err <= bound, (t_row_min, err, bound)
+
+
+def test_auto_variant_takes_tile_only_where_measured_and_checked():
+    """`auto`: tile forward at D = 64 and 128, tile backward only at 64, mufu elsewhere; a named
+    variant passes through, an unknown one is refused naming the setting."""
+    pick = hopper.pick_variant
+    assert [pick("auto", d, False) for d in (64, 96, 128, 192, 256)] == \
+        ["tile", "mufu", "tile", "mufu", "mufu"]
+    assert [pick("auto", d, True) for d in (64, 96, 128, 192, 256)] == \
+        ["tile", "mufu", "mufu", "mufu", "mufu"]
+    assert pick("swlog", 128, True) == "swlog"
+    with pytest.raises(ValueError, match="SCALEINV_HOPPER_VARIANT"):
+        pick("fast", 128, False)
