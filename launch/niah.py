@@ -42,6 +42,11 @@ def parse_args(argv=None):
     p.add_argument("--finetune-length", type=int, default=None,
                    help="fine-tune context length (default: the run's train.seq_len)")
     p.add_argument("--finetune-batch", type=int, default=8, help="contexts per fine-tune step")
+    p.add_argument("--finetune-until", type=float, default=None, metavar="ACC",
+                   help="repeat the fine-tune (rounds of --finetune-steps) until the accuracy at the "
+                        "fine-tune length, on contexts built from the training split, reaches ACC")
+    p.add_argument("--finetune-max-steps", type=int, default=None,
+                   help="with --finetune-until: at most this many steps in all (default 4 rounds)")
     p.add_argument("--finetune-lm", action="store_true",
                    help="add a batch of unseen training windows to every fine-tune step (keeps the LM)")
     p.add_argument("--batch-size", type=int, default=1, help="contexts per forward when scoring")
@@ -57,12 +62,14 @@ def run(args) -> int:
     import torch
 
     from scaleinv_dist.evaluate import common, data_access, niah, plots, report
-    from scaleinv_dist.evaluate.niah_finetune import finetune_on_needles, unseen_train_batches
+    from scaleinv_dist.evaluate.niah_finetune import finetune_until, unseen_train_batches
 
     run_dir = existing_run_dir(args.run)
     depths = common.parse_float_list(args.depths, "--depths", fractions=True)
     if args.samples < 1 or args.needles < 1 or args.finetune_steps < 0 or args.batch_size < 1:
         raise EvalError("--samples, --needles and --batch-size must be >= 1, --finetune-steps >= 0")
+    if args.finetune_until is not None and not (0 < args.finetune_until <= 1 and args.finetune_steps):
+        raise EvalError("--finetune-until takes an accuracy in (0, 1] and needs --finetune-steps > 0")
     if args.needles > len(niah.CITIES):
         raise EvalError(f"--needles must be <= {len(niah.CITIES)} (one city per needle)")
     if args.mode == "generate" and not niah.generation_available():
@@ -95,14 +102,28 @@ def run(args) -> int:
         ft_builder = niah.NeedleBuilder(tokenizer, ft_hay, bos_id=bos, seed=args.seed + 1, task=args.task)
         lr = args.finetune_lr if args.finetune_lr is not None else cfg.train.lr / 10
         lm = unseen_train_batches(bundle, ckpt) if args.finetune_lm else None
+        # the probe's contexts: training-split haystacks with their own seed (never the scored ones)
+        probe_builder = niah.NeedleBuilder(tokenizer, ft_hay, bos_id=bos, seed=args.seed + 2, task=args.task)
+
+        def probe() -> float:
+            g = niah.run_grid(model, probe_builder, [ft_len], depths, args.samples, n_needles=args.needles,
+                              mode="teacher", tokenizer=tokenizer, device=device,
+                              batch_size=args.batch_size, progress=False)
+            return g["accuracy_by_length"][0]
+
+        max_steps = args.finetune_max_steps or 4 * args.finetune_steps
         t0 = time.time()
-        losses = finetune_on_needles(model, ft_builder, ft_len, args.finetune_steps, lr,
-                                     args.finetune_batch, args.needles, device, progress=not args.quiet,
-                                     lm_batches=lm)
-        ft = {"steps": args.finetune_steps, "lr": lr, "batch": args.finetune_batch, "length": ft_len,
+        losses, probes = finetune_until(
+            model, ft_builder, ft_len, args.finetune_steps, lr, probe, args.finetune_until, max_steps,
+            batch_size=args.finetune_batch, n_needles=args.needles, device=device,
+            progress=not args.quiet, lm_batches=lm)
+        ft = {"steps": len(losses), "round_steps": args.finetune_steps, "until": args.finetune_until,
+              "probe_accuracy": probes, "lr": lr, "batch": args.finetune_batch, "length": ft_len,
               "first_loss": losses[0], "last_loss": losses[-1], "seconds": round(time.time() - t0, 1),
               "haystack": "train split", "lm_mixed": bool(args.finetune_lm)}
-        print(f"fine-tuned {args.finetune_steps} steps: answer loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+        print(f"fine-tuned {len(losses)} steps: answer loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+              + (f"; accuracy at {ft_len} after each round: {', '.join(f'{a:.2f}' for a in probes)}"
+                 if probes else ""))
 
     t0 = time.time()
     grid = niah.run_grid(model, builder, lens, depths, args.samples, n_needles=args.needles,
@@ -116,7 +137,7 @@ def run(args) -> int:
                "seconds": round(time.time() - t0, 1), **grid}
     (out_dir / "niah.json").write_text(json.dumps(payload, indent=2))
     title = (f"{run_dir.name}: {cfg.attention.transform} + {cfg.attention.position}, {args.mode}"
-             + (f", fine-tuned {args.finetune_steps} steps" if args.finetune_steps else ""))
+             + (f", fine-tuned {ft['steps']} steps" if ft else ""))
     plots.plot_needle_heatmap(grid, out_dir / "niah_heatmap.png", train_len, title)
     print(report.needle_table(grid))
     print(f"wrote {out_dir / 'niah.json'} and {out_dir / 'niah_heatmap.png'}")

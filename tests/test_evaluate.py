@@ -20,7 +20,7 @@ import torch
 from scaleinv_dist.config import AttentionConfig, ModelConfig
 from scaleinv_dist.evaluate import lengths as ev
 from scaleinv_dist.evaluate import niah
-from scaleinv_dist.evaluate.niah_finetune import finetune_on_needles, needle_batch
+from scaleinv_dist.evaluate.niah_finetune import finetune_on_needles, finetune_until, needle_batch
 from scaleinv_dist.model import GPT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -243,6 +243,20 @@ def test_finetune_runs(builder):
     assert not model.training
 
 
+@pytest.mark.parametrize("target, accs, rounds", [
+    (None, [0.0], 1),              # no target: one round, no probe
+    (0.9, [0.5, 0.95, 1.0], 2),    # stops at the first round that reaches the target
+    (0.9, [0.1] * 10, 3),          # never reaches it: stops before passing max_steps (3 rounds of 2)
+])
+def test_finetune_until_repeats_rounds_until_the_probe_passes(builder, target, accs, rounds):
+    model = tiny_gpt()
+    calls = iter(accs)
+    losses, probes = finetune_until(model, builder, 160, 2, 1e-3, lambda: next(calls), target, 6,
+                                    batch_size=1, progress=False)
+    assert len(losses) == 2 * rounds and all(math.isfinite(x) for x in losses)
+    assert probes == ([] if target is None else accs[:rounds])
+
+
 # ----------------------------------------------------------------------------- end to end (slow)
 TINY = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.n_kv_head=0", "train.seq_len=32",
         "data.vocab_size=400", "data.max_documents=20", "train.micro_batch_size=4", "run.log_every=1"]
@@ -329,13 +343,16 @@ def test_eval_user_errors(trained_run, eval_env, tmp_path, capsys, monkeypatch):
 def test_niah_end_to_end(trained_run, eval_env, tmp_path):
     proc = run_cmd(["launch/niah.py", "--run", str(trained_run), "--lengths", "160,320", "--depths", "0,0.5,1",
                     "--samples", "2", "--finetune-steps", "1", "--finetune-length", "160",
-                    "--finetune-batch", "1", "--out", str(tmp_path)], eval_env)
+                    "--finetune-batch", "1", "--finetune-until", "1.0", "--finetune-max-steps", "2",
+                    "--out", str(tmp_path)], eval_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((tmp_path / "niah.json").read_text())
     assert data["lengths"] == [160, 320] and data["depths"] == [0.0, 0.5, 1.0]
     assert len(data["accuracy"]) == 3 and all(len(row) == 2 for row in data["accuracy"])
     assert all(0.0 <= a <= 1.0 for row in data["accuracy"] for a in row)
-    assert data["finetune"]["steps"] == 1 and len(data["examples"]) == 12
+    ft = data["finetune"]
+    assert ft["steps"] in (1, 2) and len(ft["probe_accuracy"]) == ft["steps"] and ft["until"] == 1.0
+    assert len(data["examples"]) == 12
     assert max(abs(e["actual_depth"] - e["depth"]) for e in data["examples"]) < 0.1
     assert (tmp_path / "niah_heatmap.png").stat().st_size > 1000
     proc = run_cmd(["launch/niah.py", "--run", str(trained_run), "--lengths", "40"], eval_env)

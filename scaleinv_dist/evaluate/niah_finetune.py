@@ -12,7 +12,7 @@ the task.
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -91,6 +91,26 @@ def finetune_on_needles(model, builder: NeedleBuilder, length: int, steps: int, 
             it.set_postfix(loss=f"{value:.3f}")
     model.eval()
     return losses
+
+
+def finetune_until(model, builder: NeedleBuilder, length: int, steps: int, lr: float,
+                   probe: Callable[[], float], target: float | None, max_steps: int,
+                   **kwargs) -> tuple[list[float], list[float]]:
+    """Rounds of `finetune_on_needles(steps)` (each a full warmup / constant / decay schedule)
+    until `probe()` (accuracy in [0, 1] on contexts that are not scored) reaches `target`, or
+    `max_steps` have run; target None: one round. Returns (per-step losses, probe after each round).
+
+    The rule is the same for every model, so methods that learn the task slowly get more steps,
+    and none is scored before it can do the task at the fine-tune length.
+    """
+    losses, probes = [], []
+    while True:
+        losses += finetune_on_needles(model, builder, length, steps, lr, **kwargs)
+        if target is None:
+            return losses, probes
+        probes.append(float(probe()))
+        if probes[-1] >= target or len(losses) + steps > max_steps:
+            return losses, probes
 
 
 def unseen_train_batches(bundle, checkpoint) -> Iterator:

@@ -125,13 +125,17 @@ def section(summary: dict, manifest: dict | None, figures: dict) -> str:
         for r in summary["rows"]:
             f = (r.get("needle") or {}).get("finetune") or {}
             if "first_loss" in f:
-                ft.setdefault(r.get("key", r["name"]), f"{f['first_loss']:.2f} → {f['last_loss']:.2f}")
+                ft.setdefault(r.get("key", r["name"]),
+                              f"{f.get('steps', '?')}, {f['first_loss']:.2f} → {f['last_loss']:.2f}")
         first = next((r["needle"].get("finetune") for r in summary["rows"] if r.get("needle")), None) or {}
-        lines += [f"Needle (passkey) accuracy after a {first.get('steps', '?')}-step fine-tune at "
-                  f"{first.get('length', L)} tokens (lr {_fmt(first.get('lr'), 'g')}, LM batches mixed in: "
-                  f"{first.get('lm_mixed', '?')}), mean over depths; the answer loss (nats/token) at the "
-                  "fine-tune's first and last step:", "",
-                  markdown_table(["method", "fine-tune answer loss"] + [f"{k}x" for k in nm],
+        rounds = (f" in rounds of {first['round_steps']} steps, repeated until the accuracy at "
+                  f"{first.get('length', L)} tokens on training-split contexts reached "
+                  f"{first['until']:g}" if first.get("until") else "")
+        lines += [f"Needle (passkey) accuracy after a fine-tune at {first.get('length', L)} tokens"
+                  f"{rounds} (lr {_fmt(first.get('lr'), 'g')}, LM batches mixed in: "
+                  f"{first.get('lm_mixed', '?')}), mean over depths; the fine-tune's steps and its answer "
+                  "loss (nats/token) at the first and last step:", "",
+                  markdown_table(["method", "fine-tune steps, answer loss"] + [f"{k}x" for k in nm],
                                  [[agg[k]["label"], ft.get(k, "-")] + [v.get(x) for x in nm]
                                   for k, v in needle.items()]),
                   "", f"![needle heatmaps]({figures['needle']})", ""]

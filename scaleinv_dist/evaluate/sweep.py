@@ -92,13 +92,18 @@ def needle_command(run_dir: Path, needle: dict) -> list[str]:
         cmd += ["--finetune-lr", f"{n['finetune_lr']:g}"]
     if n["finetune_lm"]:
         cmd.append("--finetune-lm")
+    if n["finetune_until"] is not None:
+        cmd += ["--finetune-until", f"{n['finetune_until']:g}"]
+        if n["finetune_max_steps"] is not None:
+            cmd += ["--finetune-max-steps", str(n["finetune_max_steps"])]
     return cmd
 
 
 # the needle test a sweep runs by default when it runs one (see launch/niah.py for each flag)
 NEEDLE_DEFAULTS = {"task": "passkey", "multiples": [1, 4, 16], "depths": [0, 0.25, 0.5, 0.75, 1],
                    "samples": 10, "finetune_steps": 300, "finetune_lr": None, "finetune_batch": 8,
-                   "finetune_lm": True, "batch_size": 1, "seeds": "first"}
+                   "finetune_lm": True, "finetune_until": None, "finetune_max_steps": None,
+                   "batch_size": 1, "seeds": "first"}
 
 
 def build_jobs(methods: Sequence[str], config: str, out: Path, overrides: Sequence[str],
@@ -346,11 +351,12 @@ def markdown(summary: dict) -> str:
     needles = [r for r in summary["rows"] if r.get("needle")]
     if needles:
         lengths = needles[0]["needle"]["lengths"]
-        head = ["job", "task", "fine-tune answer loss"] + [f"needle @{n} ({n / L:g}L)" for n in lengths]
+        head = ["job", "task", "fine-tune steps, answer loss"] + [f"needle @{n} ({n / L:g}L)" for n in lengths]
         body = []
         for r in needles:
             ft = r["needle"].get("finetune") or {}
-            loss = (f"{ft['first_loss']:.2f} -> {ft['last_loss']:.2f}" if "first_loss" in ft else "-")
+            loss = (f"{ft.get('steps', '?')} steps, {ft['first_loss']:.2f} -> {ft['last_loss']:.2f}"
+                    if "first_loss" in ft else "-")
             body.append([r["name"], r["needle"].get("task"), loss] + list(r["needle"]["accuracy_by_length"]))
         table += "\n\nNeedle accuracy (mean over depths):\n\n" + markdown_table(head, body)
     return table
