@@ -1,6 +1,7 @@
 """Which unit binds the Hopper kernels: hardware pipe utilisation read with Nsight Compute.
 
     python benchmarks/hopper_pipes.py [--n 16384] [--d 128] [--variants plain,mufu,tile]
+    python benchmarks/hopper_pipes.py --stalls      # why warps wait, instead of pipe use
 
 For FA4's SM90 forward and backward, plain (no score_mod) and with each named variant of our
 transform (kernels/flash_si_hopper.py), one bf16 causal call of each under `ncu` (Nsight Compute):
@@ -8,6 +9,8 @@ per kernel, the share of its peak that the special-function pipe (XU, the MUFU),
 the integer/logic pipe (ALU) and the tensor-core pipe (GMMA) were busy, and the issue slots used,
 all as % of peak over the cycles the SMs were active. ncu fixes the clocks at base while it
 measures, so durations are longer than in benchmarks/attention.py; the shares are what to read.
+With --stalls: for each forward kernel, the cycles its warps spent stalled per issued instruction,
+by reason (ncu's warp-state sampling), which tells a latency limit from a throughput one.
 The table is printed and appended with date, card and command to benchmarks/RESULTS.md (--out).
 """
 from __future__ import annotations
@@ -34,6 +37,7 @@ PIPES = {
     "issue slots": "sm__inst_issued",
 }
 PCT = ".avg.pct_of_peak_sustained_active"
+STALL_PREFIX, STALL_SUFFIX = "smsp__average_warps_issue_stalled_", "_per_issue_active"
 DURATION = "gpu__time_duration.sum"
 
 
@@ -71,11 +75,15 @@ def worker(variant: str, n: int, d: int) -> None:
     torch.cuda.cudart().cudaProfilerStop()
 
 
-def available(ncu: str) -> dict[str, str]:
-    """The PIPES this GPU's ncu knows (a name it lacks would fail the whole measurement)."""
+def available(ncu: str, stalls: bool = False) -> dict[str, str]:
+    """{column: metric} of the PIPES (or, with stalls, every stall reason) this GPU's ncu knows (a
+    name it lacks would fail the whole measurement)."""
     listed = subprocess.run([ncu, "--query-metrics"], capture_output=True, text=True).stdout
     names = {line.split()[0] for line in listed.splitlines() if line.strip()}
-    return {col: base for col, base in PIPES.items() if base in names}
+    if stalls:
+        return {n[len(STALL_PREFIX):-len(STALL_SUFFIX)]: n + ".ratio" for n in sorted(names)
+                if n.startswith(STALL_PREFIX) and n.endswith(STALL_SUFFIX)}
+    return {col: base + PCT for col, base in PIPES.items() if base in names}
 
 
 def kernel_label(name: str) -> str:
@@ -90,7 +98,7 @@ def kernel_label(name: str) -> str:
 
 def measure(ncu: str, variant: str, n: int, d: int, pipes: dict[str, str]) -> list[dict]:
     """Rows {kernel, duration ms, <column>: %} of the variant's profiled kernels."""
-    metrics = [base + PCT for base in pipes.values()] + [DURATION]
+    metrics = list(pipes.values()) + [DURATION]
     cmd = [ncu, "--profile-from-start", "off", "--csv", "--metrics", ",".join(metrics),
            sys.executable, __file__, "--worker", variant, "--n", str(n), "--d", str(d)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -104,8 +112,8 @@ def measure(ncu: str, variant: str, n: int, d: int, pipes: dict[str, str]) -> li
         value = float(rec["Metric Value"].replace(",", ""))
         if rec["Metric Name"] == DURATION:
             row["ms"] = value / (1e6 if rec["Metric Unit"] == "ns" else 1e3 if rec["Metric Unit"] == "us" else 1)
-        for col, base in pipes.items():
-            if rec["Metric Name"] == base + PCT:
+        for col, metric in pipes.items():
+            if rec["Metric Name"] == metric:
                 row[col] = value
     return list(kernels.values())
 
@@ -115,6 +123,8 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=16384)
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--variants", default="plain,mufu,tile", help="plain and/or transform variants")
+    ap.add_argument("--stalls", action="store_true",
+                    help="stall reasons of the forward kernels (cycles per issued instruction)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -124,22 +134,45 @@ def main(argv=None) -> None:
     from attention import append_results, results_header
 
     ncu = find_ncu()
-    pipes = available(ncu)
-    cols = list(pipes)
-    lines = [f"Nsight Compute pipe use, % of peak over active cycles, N = {args.n}, D = {args.d}, "
-             "bf16, causal (ncu fixes clocks at base: durations are not comparable with other tables)",
-             "", "| variant | kernel | ms | " + " | ".join(cols) + " |", "|" + "---|" * (3 + len(cols))]
-    print("\n".join(lines), flush=True)
-    for variant in args.variants.split(","):
+    metrics = available(ncu, args.stalls)
+    variants = args.variants.split(",")
+    results = {}
+    for variant in variants:
         try:
-            rows = measure(ncu, variant, args.n, args.d, pipes)
+            results[variant] = measure(ncu, variant, args.n, args.d, metrics)
         except RuntimeError as e:
-            rows = [{"kernel": f"failed: {e}"[:200]}]
+            results[variant] = [{"kernel": f"failed: {e}"[:200]}]
+    text = (stall_table if args.stalls else pipe_table)(results, list(metrics), args.n, args.d)
+    print(text, flush=True)
+    append_results(Path(args.out), results_header(argv) + "\n" + text + "\n")
+
+
+def pipe_table(results: dict, cols: list[str], n: int, d: int) -> str:
+    """One row per (variant, kernel): duration and % of peak per pipe."""
+    lines = [f"Nsight Compute pipe use, % of peak over active cycles, N = {n}, D = {d}, bf16, causal "
+             "(ncu fixes clocks at base: durations are not comparable with other tables)",
+             "", "| variant | kernel | ms | " + " | ".join(cols) + " |", "|" + "---|" * (3 + len(cols))]
+    for variant, rows in results.items():
         for r in rows:
             lines.append(f"| {variant} | {r['kernel']} | {r.get('ms', float('nan')):.2f} | "
                          + " | ".join(f"{r[c]:.1f}" if c in r else "" for c in cols) + " |")
-            print(lines[-1], flush=True)
-    append_results(Path(args.out), results_header(argv) + "\n" + "\n".join(lines) + "\n")
+    return "\n".join(lines)
+
+
+def stall_table(results: dict, reasons: list[str], n: int, d: int) -> str:
+    """One row per stall reason (those at >= 0.05 cycles per instruction somewhere), one column per
+    variant's forward kernel."""
+    fwd = {v: next((r for r in rows if r["kernel"] == "fwd"), rows[0]) for v, rows in results.items()}
+    shown = [c for c in reasons if any(r.get(c, 0.0) >= 0.05 for r in fwd.values())]
+    lines = [f"Nsight Compute warp stalls of the forward, cycles per issued instruction, N = {n}, "
+             f"D = {d}, bf16, causal (all warps: producer, both consumer warpgroups)", "",
+             "| stall reason | " + " | ".join(fwd) + " |", "|" + "---|" * (1 + len(fwd))]
+    lines.append("| (kernel ms) | " + " | ".join(f"{r.get('ms', float('nan')):.2f}" for r in fwd.values()) + " |")
+    for c in sorted(shown, key=lambda c: -max(r.get(c, 0.0) for r in fwd.values())):
+        lines.append(f"| {c} | " + " | ".join(f"{r[c]:.2f}" if c in r else "" for r in fwd.values()) + " |")
+    if any("failed" in r["kernel"] for r in fwd.values()):
+        lines += [""] + [f"{v}: {r['kernel']}" for v, r in fwd.items() if "failed" in r["kernel"]]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
