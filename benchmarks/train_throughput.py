@@ -45,6 +45,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scaleinv_dist.config import load_config  # noqa: E402
+from scaleinv_dist.device import prefer_expandable_segments  # noqa: E402
 from scaleinv_dist.model import build_model, compile_model  # noqa: E402
 
 CKPT_MODES = ("none", "selective", "full", "offload")
@@ -307,6 +308,7 @@ def main() -> None:
                          "configs/tiny.yaml at 64 (selective) and 128 (full) tokens, ours and sdpa-rope, "
                          "compile off and on; results go to --out (never to benchmarks/RESULTS.md)")
     args = ap.parse_args()
+    prefer_expandable_segments()  # as training does (before the first CUDA allocation)
     overrides = []
     if args.smoke:
         overrides = SMOKE_OVERRIDES

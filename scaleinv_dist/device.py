@@ -8,6 +8,8 @@ Callers add their own user-facing error for a CUDA device with no GPU: training'
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -26,3 +28,11 @@ def cuda_missing(device: torch.device) -> bool:
 def computes_in_bf16(dtype: str, device_type: str) -> bool:
     """run.dtype on a device type: bfloat16, or auto on CUDA (bf16 autocast over fp32 parameters)."""
     return dtype == "bfloat16" or (dtype == "auto" and device_type == "cuda")
+
+
+def prefer_expandable_segments() -> None:
+    """Let PyTorch's CUDA allocator grow segments in place (PYTORCH_CUDA_ALLOC_CONF
+    expandable_segments:True) unless the user set the variable: long sequences allocate blocks of
+    many sizes, and fragmentation can otherwise cost gigabytes near the memory limit. Takes effect
+    only before the first CUDA allocation of the process."""
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")

@@ -1,6 +1,7 @@
 """train.activation_checkpointing=auto (scaleinv_dist.memory): the estimator's parameter count is the
 model's, its estimates grow with length and shrink with recompute, and the choice it makes for the
 162M model on a fake 80 GB card, on CPU, and without a training device."""
+import os
 import pytest
 import torch
 
@@ -132,3 +133,16 @@ def test_unknown_mode_is_a_one_line_config_error():
         load_config(None, ["train.activation_checkpointing=autoo"])
     msg = str(err.value)
     assert "\n" not in msg and "train.activation_checkpointing='autoo'" in msg and "auto" in msg
+
+
+def test_expandable_segments_is_the_default_but_a_user_setting_wins(monkeypatch):
+    """Training and the throughput benchmark ask the CUDA allocator for expandable segments, and
+    keep whatever PYTORCH_CUDA_ALLOC_CONF the user exported."""
+    from scaleinv_dist.device import prefer_expandable_segments
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    prefer_expandable_segments()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
+    prefer_expandable_segments()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"

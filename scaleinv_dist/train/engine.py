@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError
-from ..device import computes_in_bf16, cuda_missing, resolve_device
+from ..device import computes_in_bf16, cuda_missing, prefer_expandable_segments, resolve_device
 
 DEFAULT_EXTENSIONS_DIR = Path.home() / ".cache" / "scaleinv_dist" / "torch_extensions"
 
@@ -106,6 +106,7 @@ def setup_distributed(cfg) -> DistEnv:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(DEFAULT_EXTENSIONS_DIR))
     if cuda:  # a hung NCCL collective aborts the process after the timeout instead of blocking
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        prefer_expandable_segments()
     _rendezvous_env()
     import deepspeed
     deepspeed.utils.logger.setLevel(logging.WARNING)  # the loop prints what matters
