@@ -70,12 +70,16 @@ _CONTIGUOUS_CACHE: dict = {}
 #           as Taylor polynomials per accumulator row, 5 FMA and no MUFU per element (the Triton
 #           kernel's POLY tiles, docs/kernel.md), in the forward and the backward; near the
 #           diagonal `mufu`.
+#   tile_lin  as `tile`, and on the farthest tiles (distance over the degree-1 rule, POLY_RATIO[1])
+#           degree-1 polynomials: 3 FMA per element (forward), 2 (backward's dL/dS). Built for the
+#           issue-bound forward (docs/kernel.md); not yet run on a GPU.
 #   auto    the fastest measured per direction and head dim (`pick_variant`): `tile` in the
 #           forward; in the backward `tile` at D = 64 and `mufu` at D = 128 (one H100,
 #           2026-12-05, benchmarks/hopper_variants.py: at D = 128 the backward's transform is
 #           already hidden under its matmuls, and tile's per-row setup costs more than it saves);
 #           `mufu` at the head dims where `tile` has not been checked on a GPU.
-VARIANTS = ("mufu", "swlog", "swsqrt", "sw", "tile")
+VARIANTS = ("mufu", "swlog", "swsqrt", "sw", "tile", "tile_lin")
+TILE_VARIANTS = ("tile", "tile_lin")  # our subclasses of FA4's kernels (near the diagonal: mufu)
 TILE_GPU_CHECKED = (64, 128)  # head dims at which `tile` passed the float64 GPU test; `auto`
                               # takes `mufu` at the others
 DEFAULT_VARIANT = "auto"
@@ -108,14 +112,14 @@ def transform_ptx(tau: float, variant: str, backward: bool) -> str:
     """PTX for one element: inputs $1 (f32: scaled score s, or dL in backward) and $2 (s32:
     q_idx - kv_idx); output $0 (f32: the logit L, or dL * a(t))."""
     c = dict(_F32, inv_tau=_f32_hex(1.0 / tau))
-    log2 = ("lg2.approx.ftz.f32 y, x;" if variant in ("mufu", "swsqrt", "tile") else
+    log2 = ("lg2.approx.ftz.f32 y, x;" if variant in ("mufu", "swsqrt") + TILE_VARIANTS else
             "mov.b32 xb, x; shr.u32 eb, xb, 23; or.b32 eb, eb, 0x4B000000; mov.b32 e, eb;"
             " sub.ftz.f32 e, e, {e23_bias}; and.b32 mb, xb, 0x007FFFFF; or.b32 mb, mb, 0x3F800000;"
             " mov.b32 z, mb; sub.ftz.f32 z, z, {one}; fma.rn.ftz.f32 p, z, {c5}, {c4};"
             " fma.rn.ftz.f32 p, p, z, {c3}; fma.rn.ftz.f32 p, p, z, {c2};"
             " fma.rn.ftz.f32 p, p, z, {c1}; fma.rn.ftz.f32 y, p, z, e;")
     newton = "mul.ftz.f32 r2, r, r; fma.rn.ftz.f32 k, h, r2, {one5}; mul.ftz.f32 r, r, k;"
-    sqrt = ("sqrt.approx.ftz.f32 a, u;" if variant in ("mufu", "swlog", "tile") else
+    sqrt = ("sqrt.approx.ftz.f32 a, u;" if variant in ("mufu", "swlog") + TILE_VARIANTS else
             "mov.b32 ub, u; shr.u32 rb, ub, 1; sub.s32 rb, 0x5F3759DF, rb; mov.b32 r, rb;"
             " mul.ftz.f32 h, u, {m05}; " + newton + " " + newton + " mul.ftz.f32 a, u, r;")
     tail = ("mul.ftz.f32 $0, $1, a;" if backward else
@@ -180,13 +184,14 @@ def score_mods(tau: float, variant: str):
 
 
 # ----------------------------------------------------------------------------- the tile variant
-def row_taylor(te, x_c, scale, tau, log2, rsqrt, rcp, toward=1):
+def row_taylor(te, x_c, scale, tau, log2, rsqrt, rcp, toward=1, degree=2):
     """Coefficients (A0, A1, A2, M0, M1, M2) with, for a row of scores at distances
     t = te + toward (x_c - x) (x >= 0 the column offset, te the centre distance; toward = 1 when
     the columns are keys, -1 when they are queries):
         scale * a(t) ~ A0 + A1 x + A2 x^2,   m(t) ~ M0 + M1 x + M2 x^2
-    the degree-2 Taylor polynomials around te (error: flash_si.poly_error_bound with span = the
-    row's column range). log2, rsqrt, rcp: the operations to use (MUFU on the GPU, numpy in tests).
+    the Taylor polynomials of `degree` (2, or 1 with A2 = M2 = 0) around te (error:
+    flash_si.poly_error_bound with span = the row's column range). log2, rsqrt, rcp: the
+    operations to use (MUFU on the GPU, numpy in tests).
 
         f = ln(1 + t/tau),  f' = 1/(t + tau),  f'' = -f'^2;  m = 2 f,  a = sqrt(1 + m)
         a' = f'/a,  a''/2 = -f'^2 (1 + 1/a^2) / (2 a),  m''/2 = -f'^2
@@ -194,10 +199,13 @@ def row_taylor(te, x_c, scale, tau, log2, rsqrt, rcp, toward=1):
     m0 = log2(te * (1.0 / tau) + 1.0) * (2.0 * math.log(2.0))
     ra = rsqrt(m0 + 1.0)
     f1 = rcp(te + tau)
+    a = ((m0 + 1.0) * ra * scale, f1 * ra * (scale * toward))
+    m = (m0, f1 * (2.0 * toward))
+    if degree == 1:  # p0 + p1 z with z = x_c - x, as a polynomial in x
+        return tuple(c for p0, p1 in (a, m) for c in (p0 + p1 * x_c, p1 * -1.0, 0.0))
     f1sq = f1 * f1
-    a = ((m0 + 1.0) * ra * scale, f1 * ra * (scale * toward),
-         f1sq * ra * (ra * ra + 1.0) * (-0.5 * scale))
-    m = (m0, f1 * (2.0 * toward), f1sq * -1.0)
+    a += (f1sq * ra * (ra * ra + 1.0) * (-0.5 * scale),)
+    m += (f1sq * -1.0,)
 
     def in_x(p0, p1, p2):  # p0 + p1 z + p2 z^2 with z = x_c - x, as a polynomial in x
         return (p0 + (p1 + p2 * x_c) * x_c, (p1 + p2 * x_c * 2.0) * -1.0, p2)
@@ -205,12 +213,13 @@ def row_taylor(te, x_c, scale, tau, log2, rsqrt, rcp, toward=1):
     return in_x(*a) + in_x(*m)
 
 
-def poly_min_distance(cols: int, tau: float) -> int:
-    """Smallest t_min of a tile that the `tile` variant evaluates by polynomial: a row's column
-    range (at most cols - 1) over t_min + tau below the Triton kernel's POLY_RATIO."""
-    from .flash_si import POLY_DEGREE, POLY_RATIO
+def poly_min_distance(cols: int, tau: float, degree: int = 2) -> int:
+    """Smallest t_min of a tile that the tile variants evaluate by a polynomial of `degree`: a
+    row's column range (at most cols - 1) over t_min + tau below the Triton kernel's
+    POLY_RATIO[degree] (1/8 for degree 2, 1/32 for degree 1)."""
+    from .flash_si import POLY_RATIO
 
-    return math.ceil((cols - 1) / POLY_RATIO[POLY_DEGREE] - tau)
+    return math.ceil((cols - 1) / POLY_RATIO[degree] - tau)
 
 
 if IMPORT_ERROR is None:
@@ -218,8 +227,9 @@ if IMPORT_ERROR is None:
     def row_polynomials(acc, thr_mma, m_block, n_block, tile_m: cutlass.Constexpr,
                         tile_n: cutlass.Constexpr, keys_are_rows: cutlass.Constexpr,
                         pack: cutlass.Constexpr, tau: cutlass.Constexpr, scale,
-                        grad: cutlass.Constexpr):
-        """On a tile whose every distance passes poly_min_distance, per element 5 FMA and no MUFU:
+                        grad: cutlass.Constexpr, degree: cutlass.Constexpr = 2):
+        """On a tile whose every distance passes poly_min_distance(degree), per element 5 FMA
+        (degree 2; degree 1: 3) and no MUFU:
             grad False: acc = scale a(t) acc - m(t)   (the logits from raw scores)
             grad True:  acc = a(t) acc                 (dL/dS from dL; pass scale = 1)
         with per-row Taylor coefficients (row_taylor: 3 MUFU a row, and a thread holds few rows).
@@ -241,10 +251,16 @@ if IMPORT_ERROR is None:
             else:
                 t0 = Float32((m_block * tile_m + row) // pack - (n_block * tile_n + col))
             a0, a1, a2, m0, m1, m2 = row_taylor(t0 - x_c * toward, x_c, scale, tau, _mufu_log2,
-                                                _mufu_rsqrt, cute.arch.rcp_approx, toward)
+                                                _mufu_rsqrt, cute.arch.rcp_approx, toward,
+                                                degree)
             for c in cutlass.range_constexpr(ncol):
                 x = Float32(t0ScS_mn[0, c][1])
-                if const_expr(grad):
+                if const_expr(degree == 1):
+                    if const_expr(grad):
+                        acc_mn[r, c] = (a1 * x + a0) * acc_mn[r, c]
+                    else:
+                        acc_mn[r, c] = (a1 * x + a0) * acc_mn[r, c] - (m1 * x + m0)
+                elif const_expr(grad):
                     acc_mn[r, c] = ((a2 * x + a1) * x + a0) * acc_mn[r, c]
                 else:
                     acc_mn[r, c] = (((a2 * x + a1) * x + a0) * acc_mn[r, c]
@@ -252,21 +268,40 @@ if IMPORT_ERROR is None:
 
     @cute.jit
     def far_tile(m_block, n_block, tile_m: cutlass.Constexpr, tile_n: cutlass.Constexpr,
-                 cols: cutlass.Constexpr, pack: cutlass.Constexpr, tau: cutlass.Constexpr):
-        """Whether every distance of the (m_block, n_block) tile passes poly_min_distance(cols)."""
+                 cols: cutlass.Constexpr, pack: cutlass.Constexpr, tau: cutlass.Constexpr,
+                 degree: cutlass.Constexpr = 2):
+        """Whether every distance of the (m_block, n_block) tile passes
+        poly_min_distance(cols, tau, degree)."""
         return ((m_block * tile_m) // pack - n_block * tile_n - (tile_n - 1)
-                >= poly_min_distance(cols, tau))
+                >= poly_min_distance(cols, tau, degree))
 
     class TileSIForward(FlashAttentionForwardSm90):
-        """FA4's SM90 forward with the polynomial on far key tiles (the `tile` variant); `tau` is
-        a class attribute (see _tile_classes)."""
+        """FA4's SM90 forward with the polynomial on far key tiles (the tile variants); `tau` and
+        `linear_far` (degree 1 on the farthest tiles: `tile_lin`) are class attributes
+        (see _tile_classes)."""
         tau = 10.0
+        linear_far = False
 
         @cute.jit
         def apply_score_mod(self, thr_mma_qk, batch_idx, head_idx, m_block, acc_S, n_block,
                             softmax_scale, seqlen, aux_data: AuxData = AuxData(),
                             fastdiv_mods=None):
             pack = self.qhead_per_kvhead if const_expr(self.pack_gqa) else 1
+            args = (thr_mma_qk, batch_idx, head_idx, m_block, acc_S, n_block, softmax_scale,
+                    seqlen, aux_data, fastdiv_mods)
+            if const_expr(self.linear_far):
+                if far_tile(m_block, n_block, self.tile_m, self.tile_n, self.tile_n, pack,
+                            self.tau, 1):
+                    row_polynomials(acc_S, thr_mma_qk, m_block, n_block, self.tile_m,
+                                    self.tile_n, False, pack, self.tau, softmax_scale, False, 1)
+                else:
+                    self.degree2_or_exact(pack, *args)
+            else:
+                self.degree2_or_exact(pack, *args)
+
+        @cute.jit
+        def degree2_or_exact(self, pack, thr_mma_qk, batch_idx, head_idx, m_block, acc_S,
+                             n_block, softmax_scale, seqlen, aux_data, fastdiv_mods):
             if far_tile(m_block, n_block, self.tile_m, self.tile_n, self.tile_n, pack, self.tau):
                 row_polynomials(acc_S, thr_mma_qk, m_block, n_block, self.tile_m, self.tile_n,
                                 False, pack, self.tau, softmax_scale, False)
@@ -280,11 +315,28 @@ if IMPORT_ERROR is None:
         for dL/dS. Near the diagonal dL/dS runs `mufu`'s op from the indices alone, so FA4's copy
         of the unmodified scores (acc_S_pre) is never read and its registers are freed."""
         tau = 10.0
+        linear_far = False
 
         @cute.jit
         def apply_score_mod(self, acc_S, thr_mma_SdP, batch_idx, head_idx, m_block, n_block,
                             softmax_scale, seqlen_info, aux_data: AuxData = AuxData(),
                             fastdiv_mods=(None, None)):
+            args = (acc_S, thr_mma_SdP, batch_idx, head_idx, m_block, n_block, softmax_scale,
+                    seqlen_info, aux_data, fastdiv_mods)
+            if const_expr(self.linear_far):
+                if far_tile(m_block, n_block, self.tile_m, self.tile_n, self.row_cols(), 1,
+                            self.tau, 1):
+                    row_polynomials(acc_S, thr_mma_SdP, m_block, n_block, self.tile_m,
+                                    self.tile_n, self.SdP_swapAB, 1, self.tau, softmax_scale,
+                                    False, 1)
+                else:
+                    self.logits_degree2_or_exact(*args)
+            else:
+                self.logits_degree2_or_exact(*args)
+
+        @cute.jit
+        def logits_degree2_or_exact(self, acc_S, thr_mma_SdP, batch_idx, head_idx, m_block,
+                                    n_block, softmax_scale, seqlen_info, aux_data, fastdiv_mods):
             if far_tile(m_block, n_block, self.tile_m, self.tile_n, self.row_cols(), 1, self.tau):
                 row_polynomials(acc_S, thr_mma_SdP, m_block, n_block, self.tile_m, self.tile_n,
                                 self.SdP_swapAB, 1, self.tau, softmax_scale, False)
@@ -297,6 +349,18 @@ if IMPORT_ERROR is None:
         def apply_score_mod_bwd(self, grad_tensor, score_tensor, thr_mma_SdP, batch_idx,
                                 head_idx, m_block, n_block, softmax_scale, seqlen_info,
                                 aux_data: AuxData = AuxData(), fastdiv_mods=(None, None)):
+            if const_expr(self.linear_far):
+                if far_tile(m_block, n_block, self.tile_m, self.tile_n, self.row_cols(), 1,
+                            self.tau, 1):
+                    row_polynomials(grad_tensor, thr_mma_SdP, m_block, n_block, self.tile_m,
+                                    self.tile_n, self.SdP_swapAB, 1, self.tau, 1.0, True, 1)
+                else:
+                    self.grad_degree2_or_exact(grad_tensor, thr_mma_SdP, m_block, n_block)
+            else:
+                self.grad_degree2_or_exact(grad_tensor, thr_mma_SdP, m_block, n_block)
+
+        @cute.jit
+        def grad_degree2_or_exact(self, grad_tensor, thr_mma_SdP, m_block, n_block):
             if far_tile(m_block, n_block, self.tile_m, self.tile_n, self.row_cols(), 1, self.tau):
                 row_polynomials(grad_tensor, thr_mma_SdP, m_block, n_block, self.tile_m,
                                 self.tile_n, self.SdP_swapAB, 1, self.tau, 1.0, True)
@@ -327,9 +391,10 @@ def _mufu_rsqrt(x):
 
 
 @functools.lru_cache(maxsize=None)
-def _tile_classes(tau: float):
-    """(TileSIForward, TileSIBackward) with tau compiled in."""
-    return tuple(type(f"{base.__name__}_tau{tau:g}", (base,), {"tau": float(tau)})
+def _tile_classes(tau: float, linear_far: bool = False):
+    """(TileSIForward, TileSIBackward) with tau and linear_far (`tile_lin`) compiled in."""
+    suffix = f"_tau{tau:g}" + ("_lin" if linear_far else "")
+    return tuple(type(base.__name__ + suffix, (base,), {"tau": float(tau), "linear_far": linear_far})
                  for base in (TileSIForward, TileSIBackward))
 
 
@@ -409,11 +474,12 @@ def pick_variant(variant: str, head_dim: int, backward: bool) -> str:
 def _kernel_classes(variant, tau: float):
     """With the `tile` variant, FA4 builds our subclasses of its SM90 kernels (it looks their
     classes up by name in its interface module at each call)."""
-    if variant != "tile":
+    if variant not in TILE_VARIANTS:
         yield
         return
     saved = _fa4.FlashAttentionForwardSm90, _fa4.FlashAttentionBackwardSm90
-    _fa4.FlashAttentionForwardSm90, _fa4.FlashAttentionBackwardSm90 = _tile_classes(float(tau))
+    _fa4.FlashAttentionForwardSm90, _fa4.FlashAttentionBackwardSm90 = _tile_classes(
+        float(tau), variant == "tile_lin")
     try:
         yield
     finally:

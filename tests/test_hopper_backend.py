@@ -85,12 +85,15 @@ def test_hopper_matches_float64(d, hq, hkv):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _hopper_ready(), reason="needs an sm90 GPU with flash-attn-4")
+@pytest.mark.parametrize("variant, n", [("tile", 4096), ("tile_lin", 8192)])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("hq, hkv", [(2, 2), (4, 2)])
-def test_tile_variant_matches_float64(d, hq, hkv, monkeypatch):
-    """The `tile` variant (polynomial on far tiles: at N = 4096 most of them)."""
-    monkeypatch.setattr(hopper, "VARIANT", "tile")
-    _assert_matches_float64(4096, d, hq, hkv, seed=d + hq)
+def test_tile_variant_matches_float64(variant, n, d, hq, hkv, monkeypatch):
+    """The tile variants: degree-2 polynomials on far tiles (at N = 4096 most of them), and with
+    `tile_lin` degree 1 on the farthest (distance >= 4054 for 128 columns: about a quarter of the
+    causal tiles at N = 8192)."""
+    monkeypatch.setattr(hopper, "VARIANT", variant)
+    _assert_matches_float64(n, d, hq, hkv, seed=d + hq)
 
 
 def test_named_hopper_refuses_what_it_cannot_run():
@@ -256,10 +259,11 @@ def test_gqa_backward_runs_on_repeated_kv(monkeypatch):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("degree", [2, 1])
 @pytest.mark.parametrize("toward", [1, -1])  # columns are keys (forward) or queries (backward)
 @pytest.mark.parametrize("tile_n", [64, 128, 176])
-def test_tile_row_polynomials_within_the_kernel_error_bound(tile_n, toward):
-    """The `tile` variant's per-row Taylor coefficients (row_taylor, the code the kernel runs), in
+def test_tile_row_polynomials_within_the_kernel_error_bound(tile_n, toward, degree):
+    """The tile variants' per-row Taylor coefficients (row_taylor, the code the kernel runs), in
     float32 with approximate log2 / rsqrt / rcp, against the float64 logits, on rows at the
     smallest distance the kernel admits and farther: |L_poly - L| stays under the Triton kernel's
     bound (flash_si.poly_error_bound, span = the row's column range) plus 2e-6 (1 + |S|) of
@@ -270,14 +274,15 @@ def test_tile_row_polynomials_within_the_kernel_error_bound(tile_n, toward):
     f32 = np.float32
     cols = np.array([c for c in range(tile_n) if c % 8 < 2], dtype=np.float64)  # one thread's
     x_last = cols[-1]
-    t_first = hopper.poly_min_distance(tile_n, TAU)
+    t_first = hopper.poly_min_distance(tile_n, TAU, degree)
     for t_row_min in [t_first, t_first + 1, 3 * t_first, 10 ** 5, 3 * 10 ** 6]:
         t0 = t_row_min + x_last if toward == 1 else t_row_min  # at the thread's first column
         scale = 128 ** -0.5
         s_raw = rng.uniform(-30, 30, cols.size) / scale  # scaled scores up to |S| = 30
         x_c = 0.5 * x_last
         coef = hopper.row_taylor(f32(t0) - f32(x_c * toward), f32(x_c), f32(scale), TAU, np.log2,
-                                 lambda u: f32(1) / np.sqrt(u), lambda u: f32(1) / u, toward)
+                                 lambda u: f32(1) / np.sqrt(u), lambda u: f32(1) / u, toward,
+                                 degree)
         a0, a1, a2, m0, m1, m2 = (f32(c) for c in coef)
         x = cols.astype(f32)
         got = ((a2 * x + a1) * x + a0) * s_raw.astype(f32) - ((m2 * x + m1) * x + m0)
@@ -285,7 +290,8 @@ def test_tile_row_polynomials_within_the_kernel_error_bound(tile_n, toward):
         assert t.min() == t_row_min
         m = 2 * np.log1p(t / TAU)
         want = np.sqrt(1 + m) * scale * s_raw - m
-        bound = poly_error_bound(x_last, t_row_min, TAU, 30.0) + 2e-6 * (1 + 30.0)
+        assert degree == 2 or a2 == m2 == 0
+        bound = poly_error_bound(x_last, t_row_min, TAU, 30.0, degree) + 2e-6 * (1 + 30.0)
         err = np.abs(got.astype(np.float64) - want).max()
         assert err <= bound, (t_row_min, err, bound)
 

@@ -2,6 +2,7 @@
 model's, its estimates grow with length and shrink with recompute, and the choice it makes for the
 162M model on a fake 80 GB card, on CPU, and without a training device."""
 import os
+
 import pytest
 import torch
 
