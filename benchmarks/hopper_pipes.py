@@ -96,23 +96,34 @@ def kernel_label(name: str) -> str:
     return name[:30]
 
 
-def measure(ncu: str, variant: str, n: int, d: int, pipes: dict[str, str]) -> list[dict]:
-    """Rows {kernel, duration ms, <column>: %} of the variant's profiled kernels."""
-    metrics = list(pipes.values()) + [DURATION]
-    cmd = [ncu, "--profile-from-start", "off", "--csv", "--metrics", ",".join(metrics),
+def measure(ncu: str, variant: str, n: int, d: int, metrics: dict[str, str]) -> list[dict]:
+    """Rows {kernel, ms, <column>: value} of the variant's profiled kernels (one ncu run)."""
+    cmd = [ncu, "--profile-from-start", "off", "--csv", "--metrics",
+           ",".join(list(metrics.values()) + [DURATION]),
            sys.executable, __file__, "--worker", variant, "--n", str(n), "--d", str(d)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('"')]
-    if proc.returncode != 0 or not lines:
+    rows = parse_ncu_csv(proc.stdout, metrics)
+    if proc.returncode != 0 or not rows:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         raise RuntimeError(f"ncu failed for {variant}: {' | '.join(tail)}")
+    return rows
+
+
+MS_PER_UNIT = {"nsecond": 1e-6, "ns": 1e-6, "usecond": 1e-3, "us": 1e-3, "msecond": 1.0, "ms": 1.0,
+               "second": 1e3, "s": 1e3}
+
+
+def parse_ncu_csv(text: str, metrics: dict[str, str]) -> list[dict]:
+    """ncu --csv output (one line per kernel and metric, mixed with the program's own output) ->
+    one row per kernel in launch order: {kernel: short label, ms, <column>: value}."""
+    lines = [ln for ln in text.splitlines() if ln.startswith('"')]
     kernels: dict[str, dict] = {}
     for rec in csv.DictReader(lines):
         row = kernels.setdefault(rec["ID"], {"kernel": kernel_label(rec["Kernel Name"])})
         value = float(rec["Metric Value"].replace(",", ""))
         if rec["Metric Name"] == DURATION:
-            row["ms"] = value / (1e6 if rec["Metric Unit"] == "ns" else 1e3 if rec["Metric Unit"] == "us" else 1)
-        for col, metric in pipes.items():
+            row["ms"] = value * MS_PER_UNIT[rec["Metric Unit"]]
+        for col, metric in metrics.items():
             if rec["Metric Name"] == metric:
                 row[col] = value
     return list(kernels.values())
