@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-from scaleinv_dist.kernels import flash_si  # noqa: E402  (a source checkout works too)
+from scaleinv_dist.kernels import flash_si, flash_si_hopper  # noqa: E402  (a source checkout works too)
 from scaleinv_dist import attention_reference  # noqa: E402
 from scaleinv_dist.attention import scale_invariant_attention  # noqa: E402
 
@@ -88,8 +88,6 @@ def flex_fns(n, device, fa4: bool):
 
 
 def fa4_available() -> bool:
-    from scaleinv_dist.kernels import flash_si_hopper
-
     return flash_si_hopper.IMPORT_ERROR is None
 
 
@@ -350,8 +348,7 @@ def results_header(argv=None) -> str:
     import triton
 
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0]] + (argv or sys.argv[1:]))
-    if "SCALEINV_HOPPER_VARIANT" in os.environ:
-        command = f"SCALEINV_HOPPER_VARIANT={os.environ['SCALEINV_HOPPER_VARIANT']} {command}"
+    command = flash_si_hopper.variant_env_prefix() + command
     return (f"## {datetime.datetime.now():%Y-%m-%d %H:%M} — {torch.cuda.get_device_name()}, "
             f"torch {torch.__version__}, triton {triton.__version__}\n\nCommand: `{command}`\n")
 

@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from attention import (TAU, append_results, check_case, fwd_flops, results_header,  # noqa: E402
-                       shape_for)
+from attention import (TAU, append_results, check_case, fwd_flops, guarded,  # noqa: E402
+                       results_header, shape_for)
 from scaleinv_dist.kernels import flash_si_hopper as hopper  # noqa: E402
 
 
@@ -90,10 +90,8 @@ def main(argv=None):
     for d in dims:
         for variant, tile in variants:
             hopper.FWD_TILE_OPTIONS = fwd_tile_options(tile)
-            try:
-                errs = " | ".join(f"{e:.2e}" for e in check(variant, d, device))
-            except Exception as err:  # noqa: BLE001 - one failing variant must not hide the others
-                errs = f"failed: {type(err).__name__}: {str(err)[:300]} | | | |"
+            errs = guarded(check, variant, d, device)  # a failing variant must not hide the others
+            errs = f"{errs} | | | |" if isinstance(errs, str) else " | ".join(f"{e:.2e}" for e in errs)
             lines.append(f"| {d} | {label(variant, tile)} | {errs} |")
             print(lines[-1], flush=True)
     lines += ["", "| D | N (BxH) | kernel | fwd TFLOP/s | bwd TFLOP/s | fwd / plain | bwd / plain "
@@ -110,14 +108,13 @@ def main(argv=None):
             for name, vname, tile in [("fa4 plain", None, "")] + [(f"si {label(x, t)}", x, t)
                                                                   for x, t in variants]:
                 hopper.FWD_TILE_OPTIONS = fwd_tile_options(tile)
-                try:
-                    t_f, t_b = plain if vname is None else run(vname, "scale_invariant", q, k, v,
-                                                               do, args.rep)
-                except Exception as err:  # noqa: BLE001
-                    lines.append(f"| {d} | {n} ({b}x{h}) | {name} | failed: {type(err).__name__}: "
-                                 f"{str(err)[:200]} | | | | | |")
+                times = plain if vname is None else guarded(run, vname, "scale_invariant", q, k, v,
+                                                            do, args.rep)
+                if isinstance(times, str):
+                    lines.append(f"| {d} | {n} ({b}x{h}) | {name} | {times} | | | | | |")
                     print(lines[-1], flush=True)
                     continue
+                t_f, t_b = times
                 lines.append(
                     f"| {d} | {n} ({b}x{h}) | {name} | {flops / t_f / 1e9:.0f} | "
                     f"{2.5 * flops / t_b / 1e9:.0f} | {plain[0] / t_f:.3f} | {plain[1] / t_b:.3f} | "

@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scaleinv_dist.config import load_config  # noqa: E402
 from scaleinv_dist.device import prefer_expandable_segments  # noqa: E402
+from scaleinv_dist.kernels.flash_si_hopper import variant_env_prefix  # noqa: E402
 from scaleinv_dist.model import build_model, compile_model  # noqa: E402
 
 CKPT_MODES = ("none", "selective", "full", "offload")
@@ -426,10 +427,8 @@ def report(rows, args, peak, device: torch.device, out: Path | None) -> None:
         card, versions = torch.cuda.get_device_name(), f"torch {torch.__version__}, triton {triton.__version__}"
     else:
         card, versions = "CPU", f"torch {torch.__version__}"
-    variant = (f"SCALEINV_HOPPER_VARIANT={os.environ['SCALEINV_HOPPER_VARIANT']} "
-               if "SCALEINV_HOPPER_VARIANT" in os.environ else "")
     header = (f"\n## train_throughput — {dt.date.today()} — {card} x{rows[0]['gpus']}\n"
-              f"{versions}, peak {peak} TFLOP/s; command: `{variant}{' '.join(sys.argv)}`\n\n")
+              f"{versions}, peak {peak} TFLOP/s; command: `{variant_env_prefix()}{' '.join(sys.argv)}`\n\n")
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     with open(args.results, "a") as f:
         f.write(header + table + "\n")

@@ -83,9 +83,10 @@ TILE_VARIANTS = ("tile", "tile_lin")  # our subclasses of FA4's kernels (near th
 TILE_GPU_CHECKED = (64, 128)  # head dims at which `tile` passed the float64 GPU test; `auto`
                               # takes `mufu` at the others
 DEFAULT_VARIANT = "auto"
-# What forward/backward use: the environment variable SCALEINV_HOPPER_VARIANT, else the default
+# What forward/backward use: the environment variable named VARIANT_ENV, else the default
 # (benchmarks/hopper_variants.py sets it per row).
-VARIANT = os.environ.get("SCALEINV_HOPPER_VARIANT", DEFAULT_VARIANT)
+VARIANT_ENV = "SCALEINV_HOPPER_VARIANT"
+VARIANT = os.environ.get(VARIANT_ENV, DEFAULT_VARIANT)
 # FA4 forward tile options for the transform (tile_mn, mma_pv_is_rs, intra_wg_overlap); empty:
 # FA4's own choice per head dim (benchmarks/hopper_variants.py --fwd-tiles times others).
 FWD_TILE_OPTIONS: dict = {}
@@ -94,6 +95,12 @@ FWD_TILE_OPTIONS: dict = {}
 # nodes, rounded to float32 (|error| <= 6e-5); the PTX takes float32 immediates in hex.
 LOG2_POLY = (1.4426156282424927, -0.7170624732971191, 0.44226813316345215, -0.22770363092422485,
              0.059941161423921585)
+
+
+def variant_env_prefix() -> str:
+    """'SCALEINV_HOPPER_VARIANT=<value> ' when the environment sets the variant, else '': for the
+    command line that benchmark results headers record."""
+    return f"{VARIANT_ENV}={os.environ[VARIANT_ENV]} " if VARIANT_ENV in os.environ else ""
 
 
 def _f32_hex(x: float) -> str:
@@ -462,7 +469,7 @@ def pick_variant(variant: str, head_dim: int, backward: bool) -> str:
     """The concrete variant that `variant` ("auto" or one of VARIANTS) means for one direction."""
     if variant != "auto":
         if variant not in VARIANTS:
-            raise ValueError(f"unknown Hopper transform variant {variant!r} (SCALEINV_HOPPER_VARIANT)"
+            raise ValueError(f"unknown Hopper transform variant {variant!r} ({VARIANT_ENV})"
                              f"; choose auto or one of {', '.join(VARIANTS)}")
         return variant
     if head_dim not in TILE_GPU_CHECKED or (backward and head_dim >= 128):
@@ -472,8 +479,8 @@ def pick_variant(variant: str, head_dim: int, backward: bool) -> str:
 
 @contextlib.contextmanager
 def _kernel_classes(variant, tau: float):
-    """With the `tile` variant, FA4 builds our subclasses of its SM90 kernels (it looks their
-    classes up by name in its interface module at each call)."""
+    """With a tile variant, FA4 builds our subclasses of its SM90 kernels (it looks their classes
+    up by name in its interface module at each call)."""
     if variant not in TILE_VARIANTS:
         yield
         return
@@ -511,7 +518,8 @@ def backward(dout, q, k, v, out, lse, q_pos=None, k_pos=None, q_seg=None, k_seg=
     """(dq, dk, dv) in the inputs' layout, given an external out and lse (from any backend)."""
     variant, score_mod, score_mod_bwd = _mods(transform, tau, q.shape[-1], backward=True)
     group = q.shape[1] // k.shape[1]
-    if group > 1 and score_mod is not None:
+    repeat_kv = group > 1 and score_mod is not None
+    if repeat_kv:
         # FA4's SM90 backward with a score_mod is wrong under GQA (dq, dk, dv; measured on an H200,
         # its plain GQA backward is right): run it on K, V repeated per query head and sum the
         # key/value gradients over each group.
@@ -521,7 +529,7 @@ def backward(dout, q, k, v, out, lse, q_pos=None, k_pos=None, q_seg=None, k_seg=
                                           lse.float().contiguous(), scale, True,
                                           score_mod=score_mod, score_mod_bwd=score_mod_bwd)
     dk, dv = (x.transpose(1, 2) for x in (dk, dv))
-    if group > 1 and score_mod is not None:
+    if repeat_kv:
         b, h, n, d = dk.shape
         dk, dv = (x.view(b, h // group, group, n, d).float().sum(2).to(x.dtype) for x in (dk, dv))
     return dq.transpose(1, 2), dk, dv
