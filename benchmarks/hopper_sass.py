@@ -1,6 +1,7 @@
 """Static cost of the Hopper backend's transform, without a GPU: compile, disassemble, count.
 
     python benchmarks/hopper_sass.py [--d 128,64] [--variants mufu,swlog,swsqrt,sw] [--out PATH]
+                                     [--sass-dir DIR]
 
 Compiles FlashAttention-4's SM90 forward and backward kernels with each variant of our score_mod
 (kernels/flash_si_hopper.py) and without one ("none", plain FA4) for sm_90a on this machine, through
@@ -8,7 +9,10 @@ torch fake tensors (FA4's CPU-only compilation: FLASH_ATTENTION_ARCH, CUTE_DSL_A
 FLASH_ATTENTION_NUM_SMS), keeps the cubins, disassembles them with nvdisasm and reports per kernel:
 the special-function (MUFU) instructions by kind, the FP32 FMA/MUL/ADD/min-max instructions, the
 warpgroup MMAs (HGMMA), registers and stack frame (spills). Counts are static (instructions in the
-code, unrolled over the thread's fragment), not executed counts. Needs `pip install -e
+code, unrolled over the thread's fragment), not executed counts. --sass-dir keeps each kernel's
+disassembly (addresses stripped) as DIR/<variant>_<D>_<fwd|bwd>.sass, so that a change meant to
+leave the kernels alone can be diffed against the SASS before it (ptxas's backward schedule is not
+deterministic: compile twice before calling a difference real). Needs `pip install -e
 ".[hopper]" nvidia-cuda-nvdisasm nvidia-cuda-cuobjdump` (all PyPI); no GPU. Appends a table to
 benchmarks/RESULTS.md with the date and command.
 """
@@ -73,9 +77,15 @@ def compile_kernels(variant: str, d: int, transform: str, dest: Path) -> None:
         shutil.move(str(cubin), dest / cubin.name)
 
 
-def analyse(cubin: Path) -> dict:
+def disassemble(cubin: Path) -> str:
+    """nvdisasm's SASS of a cubin without its /*address*/ comments."""
     sass = subprocess.run([tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True,
                           check=True).stdout
+    return re.sub(r"/\*[0-9a-f]{4,}\*/", "", sass)
+
+
+def analyse(cubin: Path) -> dict:
+    sass = disassemble(cubin)
     row = {name: len(re.findall(pat, sass)) for name, pat in PATTERNS.items()}
     usage = subprocess.run([tool("cuobjdump"), "--dump-resource-usage", str(cubin)],
                            capture_output=True, text=True).stdout
@@ -90,6 +100,7 @@ def main(argv=None) -> int:
     ap.add_argument("--d", default="128,64")
     ap.add_argument("--variants", default="mufu,swlog,swsqrt,sw")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    ap.add_argument("--sass-dir", default="", help="also write each kernel's SASS here (for diffs)")
     args = ap.parse_args(argv)
     from scaleinv_dist.kernels import flash_si_hopper as hopper
 
@@ -108,6 +119,10 @@ def main(argv=None) -> int:
             for kind in ("fwd", "bwd"):
                 cubin = next(c for name in KERNEL_NAMES[kind] for c in Path(tmp).glob(f"*{name}*.cubin"))
                 r = analyse(cubin)
+                if args.sass_dir:
+                    name = f"{'none' if variant == '-' else variant}_{d}_{kind}.sass"
+                    Path(args.sass_dir).mkdir(parents=True, exist_ok=True)
+                    (Path(args.sass_dir) / name).write_text(disassemble(cubin))
                 lines.append(f"| {transform} | {variant} | {d} | {kind} | "
                              + " | ".join(str(r[c]) for c in PATTERNS) + f" | {r['reg']} | {r['stack']} |")
                 print(lines[-1], flush=True)

@@ -71,17 +71,17 @@ _CONTIGUOUS_CACHE: dict = {}
 #           kernel's POLY tiles, docs/kernel.md), in the forward and the backward; near the
 #           diagonal `mufu`.
 #   tile_lin  as `tile`, and on the farthest tiles (distance over the degree-1 rule, POLY_RATIO[1])
-#           degree-1 polynomials: 3 FMA per element (forward), 2 (backward's dL/dS). Built for the
-#           issue-bound forward (docs/kernel.md); not yet run on a GPU.
-#   auto    the fastest measured per direction and head dim (`pick_variant`): `tile` in the
-#           forward; in the backward `tile` at D = 64 and `mufu` at D = 128 (one H100,
-#           2026-12-05, benchmarks/hopper_variants.py: at D = 128 the backward's transform is
-#           already hidden under its matmuls, and tile's per-row setup costs more than it saves);
-#           `mufu` at the head dims where `tile` has not been checked on a GPU.
+#           degree-1 polynomials: 3 FMA per element (forward), 2 (backward's dL/dS).
+#   auto    the fastest measured (`pick_variant`): `tile_lin` in both directions at the head dims
+#           where the tile variants passed the float64 GPU test (TILE_GPU_CHECKED), `mufu` at the
+#           others. Measured on one H200, 2026-12-05 (benchmarks/hopper_variants.py, N = 16k and
+#           64k): tile_lin is the fastest forward at D = 64 and 128 and the fastest backward at
+#           D = 64; at D = 128 its backward ties `mufu` (0.873 vs 0.877 of FA4 plain at 16k,
+#           0.883 vs 0.870 at 64k).
 VARIANTS = ("mufu", "swlog", "swsqrt", "sw", "tile", "tile_lin")
 TILE_VARIANTS = ("tile", "tile_lin")  # our subclasses of FA4's kernels (near the diagonal: mufu)
-TILE_GPU_CHECKED = (64, 128)  # head dims at which `tile` passed the float64 GPU test; `auto`
-                              # takes `mufu` at the others
+TILE_GPU_CHECKED = (64, 128)  # head dims at which `tile` and `tile_lin` passed the float64 GPU
+                              # test; `auto` takes `mufu` at the others
 DEFAULT_VARIANT = "auto"
 # What forward/backward use: the environment variable named VARIANT_ENV, else the default
 # (benchmarks/hopper_variants.py sets it per row).
@@ -282,6 +282,36 @@ if IMPORT_ERROR is None:
         return ((m_block * tile_m) // pack - n_block * tile_n - (tile_n - 1)
                 >= poly_min_distance(cols, tau, degree))
 
+    @cute.jit
+    def tile_score_mod(acc, thr_mma, m_block, n_block, tile_m: cutlass.Constexpr,
+                       tile_n: cutlass.Constexpr, cols: cutlass.Constexpr,
+                       keys_are_rows: cutlass.Constexpr, pack: cutlass.Constexpr,
+                       tau: cutlass.Constexpr, scale, grad: cutlass.Constexpr,
+                       linear_far: cutlass.Constexpr, exact: cutlass.Constexpr):
+        """The tile variants' step on one tile of S (grad False) or dL (grad True): degree 1 when
+        linear_far and every distance passes poly_min_distance(cols, tau, 1), else degree 2 when
+        it passes poly_min_distance(cols, tau), else exact() (near the diagonal). Arguments as in
+        row_polynomials; cols = the accumulator row's length."""
+        poly = (acc, thr_mma, m_block, n_block, tile_m, tile_n, keys_are_rows, pack, tau, scale,
+                grad)
+        if const_expr(linear_far):
+            if far_tile(m_block, n_block, tile_m, tile_n, cols, pack, tau, 1):
+                row_polynomials(*poly, 1)
+            else:
+                degree2_or_exact(poly, m_block, n_block, tile_m, tile_n, cols, pack, tau, exact)
+        else:
+            degree2_or_exact(poly, m_block, n_block, tile_m, tile_n, cols, pack, tau, exact)
+
+    @cute.jit
+    def degree2_or_exact(poly: cutlass.Constexpr, m_block, n_block, tile_m: cutlass.Constexpr,
+                         tile_n: cutlass.Constexpr, cols: cutlass.Constexpr,
+                         pack: cutlass.Constexpr, tau: cutlass.Constexpr,
+                         exact: cutlass.Constexpr):
+        if far_tile(m_block, n_block, tile_m, tile_n, cols, pack, tau):
+            row_polynomials(*poly)
+        else:
+            exact()
+
     class TileSIForward(FlashAttentionForwardSm90):
         """FA4's SM90 forward with the polynomial on far key tiles (the tile variants); `tau` and
         `linear_far` (degree 1 on the farthest tiles: `tile_lin`) are class attributes
@@ -293,29 +323,13 @@ if IMPORT_ERROR is None:
         def apply_score_mod(self, thr_mma_qk, batch_idx, head_idx, m_block, acc_S, n_block,
                             softmax_scale, seqlen, aux_data: AuxData = AuxData(),
                             fastdiv_mods=None):
-            pack = self.qhead_per_kvhead if const_expr(self.pack_gqa) else 1
-            args = (thr_mma_qk, batch_idx, head_idx, m_block, acc_S, n_block, softmax_scale,
-                    seqlen, aux_data, fastdiv_mods)
-            if const_expr(self.linear_far):
-                if far_tile(m_block, n_block, self.tile_m, self.tile_n, self.tile_n, pack,
-                            self.tau, 1):
-                    row_polynomials(acc_S, thr_mma_qk, m_block, n_block, self.tile_m,
-                                    self.tile_n, False, pack, self.tau, softmax_scale, False, 1)
-                else:
-                    self.degree2_or_exact(pack, *args)
-            else:
-                self.degree2_or_exact(pack, *args)
-
-        @cute.jit
-        def degree2_or_exact(self, pack, thr_mma_qk, batch_idx, head_idx, m_block, acc_S,
-                             n_block, softmax_scale, seqlen, aux_data, fastdiv_mods):
-            if far_tile(m_block, n_block, self.tile_m, self.tile_n, self.tile_n, pack, self.tau):
-                row_polynomials(acc_S, thr_mma_qk, m_block, n_block, self.tile_m, self.tile_n,
-                                False, pack, self.tau, softmax_scale, False)
-            else:
-                FlashAttentionForwardSm90.apply_score_mod(
-                    self, thr_mma_qk, batch_idx, head_idx, m_block, acc_S, n_block,
-                    softmax_scale, seqlen, aux_data, fastdiv_mods)
+            exact = functools.partial(FlashAttentionForwardSm90.apply_score_mod, self,
+                                      thr_mma_qk, batch_idx, head_idx, m_block, acc_S, n_block,
+                                      softmax_scale, seqlen, aux_data, fastdiv_mods)
+            tile_score_mod(acc_S, thr_mma_qk, m_block, n_block, self.tile_m, self.tile_n,
+                           self.tile_n, False,
+                           self.qhead_per_kvhead if const_expr(self.pack_gqa) else 1, self.tau,
+                           softmax_scale, False, self.linear_far, exact)
 
     class TileSIBackward(FlashAttentionBackwardSm90):
         """FA4's SM90 backward with the polynomial on far tiles, for the recomputed logits and
@@ -328,61 +342,37 @@ if IMPORT_ERROR is None:
         def apply_score_mod(self, acc_S, thr_mma_SdP, batch_idx, head_idx, m_block, n_block,
                             softmax_scale, seqlen_info, aux_data: AuxData = AuxData(),
                             fastdiv_mods=(None, None)):
-            args = (acc_S, thr_mma_SdP, batch_idx, head_idx, m_block, n_block, softmax_scale,
-                    seqlen_info, aux_data, fastdiv_mods)
-            if const_expr(self.linear_far):
-                if far_tile(m_block, n_block, self.tile_m, self.tile_n, self.row_cols(), 1,
-                            self.tau, 1):
-                    row_polynomials(acc_S, thr_mma_SdP, m_block, n_block, self.tile_m,
-                                    self.tile_n, self.SdP_swapAB, 1, self.tau, softmax_scale,
-                                    False, 1)
-                else:
-                    self.logits_degree2_or_exact(*args)
-            else:
-                self.logits_degree2_or_exact(*args)
-
-        @cute.jit
-        def logits_degree2_or_exact(self, acc_S, thr_mma_SdP, batch_idx, head_idx, m_block,
-                                    n_block, softmax_scale, seqlen_info, aux_data, fastdiv_mods):
-            if far_tile(m_block, n_block, self.tile_m, self.tile_n, self.row_cols(), 1, self.tau):
-                row_polynomials(acc_S, thr_mma_SdP, m_block, n_block, self.tile_m, self.tile_n,
-                                self.SdP_swapAB, 1, self.tau, softmax_scale, False)
-            else:
-                FlashAttentionBackwardSm90.apply_score_mod(
-                    self, acc_S, thr_mma_SdP, batch_idx, head_idx, m_block, n_block,
-                    softmax_scale, seqlen_info, aux_data, fastdiv_mods)
+            exact = functools.partial(FlashAttentionBackwardSm90.apply_score_mod, self, acc_S,
+                                      thr_mma_SdP, batch_idx, head_idx, m_block, n_block,
+                                      softmax_scale, seqlen_info, aux_data, fastdiv_mods)
+            tile_score_mod(acc_S, thr_mma_SdP, m_block, n_block, self.tile_m, self.tile_n,
+                           self.row_cols(), self.SdP_swapAB, 1, self.tau, softmax_scale, False,
+                           self.linear_far, exact)
 
         @cute.jit
         def apply_score_mod_bwd(self, grad_tensor, score_tensor, thr_mma_SdP, batch_idx,
                                 head_idx, m_block, n_block, softmax_scale, seqlen_info,
                                 aux_data: AuxData = AuxData(), fastdiv_mods=(None, None)):
-            if const_expr(self.linear_far):
-                if far_tile(m_block, n_block, self.tile_m, self.tile_n, self.row_cols(), 1,
-                            self.tau, 1):
-                    row_polynomials(grad_tensor, thr_mma_SdP, m_block, n_block, self.tile_m,
-                                    self.tile_n, self.SdP_swapAB, 1, self.tau, 1.0, True, 1)
-                else:
-                    self.grad_degree2_or_exact(grad_tensor, thr_mma_SdP, m_block, n_block)
-            else:
-                self.grad_degree2_or_exact(grad_tensor, thr_mma_SdP, m_block, n_block)
+            exact = functools.partial(self.grad_exact, grad_tensor, thr_mma_SdP, m_block,
+                                      n_block)
+            tile_score_mod(grad_tensor, thr_mma_SdP, m_block, n_block, self.tile_m, self.tile_n,
+                           self.row_cols(), self.SdP_swapAB, 1, self.tau, 1.0, True,
+                           self.linear_far, exact)
 
         @cute.jit
-        def grad_degree2_or_exact(self, grad_tensor, thr_mma_SdP, m_block, n_block):
-            if far_tile(m_block, n_block, self.tile_m, self.tile_n, self.row_cols(), 1, self.tau):
-                row_polynomials(grad_tensor, thr_mma_SdP, m_block, n_block, self.tile_m,
-                                self.tile_n, self.SdP_swapAB, 1, self.tau, 1.0, True)
-            else:
-                swap = self.SdP_swapAB
-                cS = cute.make_identity_tensor((self.tile_n, self.tile_m) if const_expr(swap)
-                                               else (self.tile_m, self.tile_n))
-                cS = cute.domain_offset((n_block * self.tile_n, m_block * self.tile_m)
-                                        if const_expr(swap)
-                                        else (m_block * self.tile_m, n_block * self.tile_n), cS)
-                tScS = thr_mma_SdP.partition_C(cS)
-                bwd_op = transform_ops(self.tau, "tile")[1]  # its PTX is mufu's
-                q_at, k_at = (1, 0) if const_expr(swap) else (0, 1)
-                for i in cutlass.range_constexpr(cute.size(grad_tensor.shape)):
-                    grad_tensor[i] = bwd_op(grad_tensor[i], tScS[i][q_at] - tScS[i][k_at])
+        def grad_exact(self, grad_tensor, thr_mma_SdP, m_block, n_block):
+            """dL/dS = a(t) dL element by element (`mufu`'s op) from the indices alone."""
+            swap = self.SdP_swapAB
+            cS = cute.make_identity_tensor((self.tile_n, self.tile_m) if const_expr(swap)
+                                           else (self.tile_m, self.tile_n))
+            cS = cute.domain_offset((n_block * self.tile_n, m_block * self.tile_m)
+                                    if const_expr(swap)
+                                    else (m_block * self.tile_m, n_block * self.tile_n), cS)
+            tScS = thr_mma_SdP.partition_C(cS)
+            bwd_op = transform_ops(self.tau, "tile")[1]  # its PTX is mufu's
+            q_at, k_at = (1, 0) if const_expr(swap) else (0, 1)
+            for i in cutlass.range_constexpr(cute.size(grad_tensor.shape)):
+                grad_tensor[i] = bwd_op(grad_tensor[i], tScS[i][q_at] - tScS[i][k_at])
 
         def row_cols(self) -> int:
             """Columns of a row of the S / dP accumulator: queries when SdP_swapAB, else keys."""
@@ -465,16 +455,14 @@ def _bnhd(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def pick_variant(variant: str, head_dim: int, backward: bool) -> str:
-    """The concrete variant that `variant` ("auto" or one of VARIANTS) means for one direction."""
+def pick_variant(variant: str, head_dim: int) -> str:
+    """The concrete variant that `variant` ("auto" or one of VARIANTS) means at `head_dim`."""
     if variant != "auto":
         if variant not in VARIANTS:
             raise ValueError(f"unknown Hopper transform variant {variant!r} ({VARIANT_ENV})"
                              f"; choose auto or one of {', '.join(VARIANTS)}")
         return variant
-    if head_dim not in TILE_GPU_CHECKED or (backward and head_dim >= 128):
-        return "mufu"
-    return "tile"
+    return "tile_lin" if head_dim in TILE_GPU_CHECKED else "mufu"
 
 
 @contextlib.contextmanager
@@ -493,19 +481,19 @@ def _kernel_classes(variant, tau: float):
         _fa4.FlashAttentionForwardSm90, _fa4.FlashAttentionBackwardSm90 = saved
 
 
-def _mods(transform: str, tau: float, head_dim: int, backward: bool):
+def _mods(transform: str, tau: float, head_dim: int):
     """(variant or None, score_mod, score_mod_bwd) for one call: (None, None, None) without the
     transform."""
     if transform != "scale_invariant":
         return None, None, None
-    variant = pick_variant(VARIANT, head_dim, backward)
+    variant = pick_variant(VARIANT, head_dim)
     return (variant, *score_mods(float(tau), variant))
 
 
 def forward(q, k, v, q_pos=None, k_pos=None, q_seg=None, k_seg=None, *, scale, tau, causal,
             transform, alibi_slopes=None):
     """out (B, Hq, N, D), lse (B, Hq, N) float32 natural log. Inputs as in the module docstring."""
-    variant, score_mod, _ = _mods(transform, tau, q.shape[-1], backward=False)
+    variant, score_mod, _ = _mods(transform, tau, q.shape[-1])
     with _kernel_classes(variant, tau):
         out, lse, *_ = _fa4._flash_attn_fwd(_bnhd(q), _bnhd(k), _bnhd(v), softmax_scale=scale,
                                             causal=True, score_mod=score_mod, return_lse=True,
@@ -516,7 +504,7 @@ def forward(q, k, v, q_pos=None, k_pos=None, q_seg=None, k_seg=None, *, scale, t
 def backward(dout, q, k, v, out, lse, q_pos=None, k_pos=None, q_seg=None, k_seg=None, *, scale,
              tau, causal, transform, alibi_slopes=None):
     """(dq, dk, dv) in the inputs' layout, given an external out and lse (from any backend)."""
-    variant, score_mod, score_mod_bwd = _mods(transform, tau, q.shape[-1], backward=True)
+    variant, score_mod, score_mod_bwd = _mods(transform, tau, q.shape[-1])
     group = q.shape[1] // k.shape[1]
     repeat_kv = group > 1 and score_mod is not None
     if repeat_kv:

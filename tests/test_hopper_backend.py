@@ -296,14 +296,12 @@ def test_tile_row_polynomials_within_the_kernel_error_bound(tile_n, toward, degr
         assert err <= bound, (t_row_min, err, bound)
 
 
-def test_auto_variant_takes_tile_only_where_measured_and_checked():
-    """`auto`: tile forward at D = 64 and 128, tile backward only at 64, mufu elsewhere; a named
+def test_auto_variant_takes_tile_lin_only_where_measured_and_checked():
+    """`auto`: tile_lin at D = 64 and 128 (checked on a GPU), mufu at the other head dims; a named
     variant passes through, an unknown one is refused naming the setting."""
     pick = hopper.pick_variant
-    assert [pick("auto", d, False) for d in (64, 96, 128, 192, 256)] == \
-        ["tile", "mufu", "tile", "mufu", "mufu"]
-    assert [pick("auto", d, True) for d in (64, 96, 128, 192, 256)] == \
-        ["tile", "mufu", "mufu", "mufu", "mufu"]
-    assert pick("swlog", 128, True) == "swlog"
+    assert [pick("auto", d) for d in (64, 96, 128, 192, 256)] == \
+        ["tile_lin", "mufu", "tile_lin", "mufu", "mufu"]
+    assert pick("swlog", 128) == "swlog"
     with pytest.raises(ValueError, match="SCALEINV_HOPPER_VARIANT"):
-        pick("fast", 128, False)
+        pick("fast", 128)
