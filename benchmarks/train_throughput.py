@@ -27,6 +27,9 @@ The split: after the timed steps one more step runs under torch.profiler with th
 wrapped in ranges (its forward directly; its backward between two identity autograd markers), so
 attention forward + backward vs the rest comes out of the profile whatever the kernels are called.
 The top kernels by self time of each profiled step go to --out/top_kernels_<impl>_<len>_<ckpt>_<compiled|eager>.txt.
+The kernel column names the attention backend each row's model ran (for `ours`, what the config's
+backend resolved to: a fallback from `hopper` to `triton` shows, and is printed when the first
+attention call starts); --probe-impl ours-hopper makes the --longest probes fail instead.
 Prints the tables; appends them with date, card and command to benchmarks/RESULTS.md (--results).
 """
 from __future__ import annotations
@@ -188,13 +191,17 @@ class _AttnBackwardEnd(torch.autograd.Function):
         return None, dq, dk, dv
 
 
-def marked_attend(attend, state: dict):
+def marked_attend(attend, state: dict, kernel_of=None):
     """attend wrapped in profiler ranges "attention_forward" / "attention_backward" while
     state["on"]: the split needs no kernel names (ours, cuDNN, FlexAttention, the CP ring alike).
     Autograd runs the attention's backward nodes between the two markers' backward calls (nothing
     else in the block is ready then), and a checkpoint's recompute of the attention counts as
-    attention forward."""
+    attention forward. kernel_of(q, k, v, *rest), when given, names the backend of the first call
+    into state["kernel"] (printed at once: a fallback shows before a long step ends)."""
     def attend_marked(q, k, v, *rest):
+        if kernel_of is not None and "kernel" not in state:
+            state["kernel"] = kernel_of(q, k, v, *rest)
+            print(f"attention runs on: {state['kernel']}", file=sys.stderr, flush=True)
         if not state["on"]:
             return attend(q, k, v, *rest)
         q, k, v = _AttnBackwardEnd.apply(state, q, k, v)
@@ -202,6 +209,21 @@ def marked_attend(attend, state: dict):
             out = attend(q, k, v, *rest)
         return _AttnBackwardStart.apply(out, state)
     return attend_marked
+
+
+def kernel_reporter(model, impl: str, cp):
+    """kernel_of for marked_attend: the attention backend the model's own call resolves to (the
+    config's backend, "auto" included); the replaced attentions name themselves."""
+    if impl == "sdpa-rope":
+        return lambda *_: "sdpa-cudnn"
+    if cp is not None:
+        return lambda *_: "context-parallel ring"
+    from scaleinv_dist.attention import attention_backend_for
+
+    def kernel_of(q, k, v, q_pos, k_pos, q_seg, k_seg):
+        return attention_backend_for(q, k, v, q_pos, k_pos, q_seg=q_seg, k_seg=k_seg,
+                                     **model.attention_options())
+    return kernel_of
 
 
 RANGES = ("attention_forward", "attention_backward", "train_step")
@@ -301,6 +323,9 @@ def main() -> None:
     ap.add_argument("--ulysses-degree", type=int, default=2, help="hybrid only")
     ap.add_argument("--longest", default="", help="comma list of lengths to probe for ours, e.g. 262144,524288,1048576")
     ap.add_argument("--max-step-seconds", type=float, default=240.0)
+    ap.add_argument("--probe-impl", default="ours", choices=("ours", "ours-hopper"),
+                    help="implementation of the --longest probes (ours-hopper: fail, not fall back, "
+                         "where the Hopper kernels cannot run)")
     ap.add_argument("--probe-repeats", type=int, default=0,
                     help="timed steps per --longest length after an untimed first; 0: time the one step")
     ap.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")))
@@ -344,7 +369,7 @@ def main() -> None:
 
             apply_cp(model, topo, pcfg)
         state = {"on": False}
-        model.attend = marked_attend(model.attend, state)
+        model.attend = marked_attend(model.attend, state, kernel_reporter(model, impl, cp))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
         row = dict(impl=impl, seq_len=seq_len, gpus=world, ckpt=ckpt, compile=compiled)
         try:
@@ -362,6 +387,7 @@ def main() -> None:
         except Exception as err:  # noqa: BLE001 - a failing row is reported; the others still run
             row["status"] = f"failed: {type(err).__name__}: {str(err)[:160]}"
             print(f"{impl} {seq_len} {ckpt} compile={compiled}: {row['status']}", file=sys.stderr)
+        row["kernel"] = state.get("kernel", "")
         del model, opt
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -376,7 +402,7 @@ def main() -> None:
                     if rank == 0:
                         print(json.dumps(rows[-1]), flush=True)
     for n in [int(x) for x in args.longest.split(",") if x]:
-        row = measure("ours", n, args.probe_ckpt, compiles[0], args.probe_repeats, False)
+        row = measure(args.probe_impl, n, args.probe_ckpt, compiles[0], args.probe_repeats, False)
         row["probe"] = "longest"
         rows.append(row)
         if rank == 0:
@@ -393,17 +419,18 @@ def report(rows, args, peak, device: torch.device, out: Path | None) -> None:
         return r["seq_len"], r["ckpt"], r["compile"]
 
     base = {key(r): r for r in rows if r["impl"] == "sdpa-rope" and r["status"] == "ok" and "probe" not in r}
-    lines = ["| impl | seq_len | batch | GPUs | ckpt | compile | step s | tokens/s | MFU | peak GiB | vs sdpa-rope |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| impl | kernel | seq_len | batch | GPUs | ckpt | compile | step s | tokens/s | MFU | peak GiB "
+             "| vs sdpa-rope |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         comp = "on" if r["compile"] else "off"
         if r["status"] != "ok":
-            lines.append(f"| {r['impl']} | {r['seq_len']} | | {r['gpus']} | {r['ckpt']} | {comp} | "
+            lines.append(f"| {r['impl']} | {r['kernel']} | {r['seq_len']} | | {r['gpus']} | {r['ckpt']} | {comp} | "
                          f"{r['status']} | | | | |")
             continue
         b = base.get(key(r))
         ratio = f"{r['step_s'] / b['step_s']:.2f}x" if b and "probe" not in r else ""
-        lines.append(f"| {r['impl']}{' (longest probe)' if 'probe' in r else ''} | {r['seq_len']} | {r['batch']} | "
+        lines.append(f"| {r['impl']}{' (longest probe)' if 'probe' in r else ''} | {r['kernel']} | "
+                     f"{r['seq_len']} | {r['batch']} | "
                      f"{r['gpus']} | {r['ckpt']} | {comp} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | "
                      f"{100 * r['mfu']:.1f}% | {r['peak_gib']:.1f} | {ratio} |")
     table = "\n".join(lines)

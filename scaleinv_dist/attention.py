@@ -77,16 +77,31 @@ def scale_invariant_attention(
     Returns out (B, Hq, Nq, D) in q's dtype and, with return_lse, lse (B, Hq, Nq) float32, natural
     log. A query that sees no key gets out = 0 and lse = -inf.
     """
-    q_pos, k_pos, q_seg, k_seg = prepare_inputs(q, k, v, q_pos, k_pos, q_seg, k_seg,
-                                                transform=transform, backend=backend,
-                                                alibi_slopes=alibi_slopes)
+    name, q_pos, k_pos, q_seg, k_seg = _plan(q, k, v, q_pos, k_pos, q_seg, k_seg, transform,
+                                             backend, alibi_slopes, causal)
     opts = dict(scale=q.shape[-1] ** -0.5 if scale is None else float(scale), tau=float(tau),
                 causal=bool(causal), transform=transform, alibi_slopes=alibi_slopes)
-    name = resolve(backend, q, k, v, transform=transform, q_pos=q_pos, k_pos=k_pos, q_seg=q_seg,
-                   k_seg=k_seg, causal=causal)
     ops = backends.load(name)
     if backends.REGISTRY[name].contract:
         out, lse = _ContractAttention.apply(q, k, v, q_pos, k_pos, q_seg, k_seg, ops, opts)
     else:  # differentiable through autograd (FlexAttention)
         out, lse = ops.forward(q, k, v, q_pos, k_pos, q_seg, k_seg, **opts)
     return (out, lse.float()) if return_lse else out
+
+
+def attention_backend_for(q, k, v, q_pos, k_pos, *, tau: float = 10.0, causal: bool = True,
+                          transform: str = "scale_invariant", backend: str = "auto",
+                          q_seg=None, k_seg=None, alibi_slopes=None) -> str:
+    """The backend ("hopper", "triton", ...) that scale_invariant_attention runs these inputs on,
+    with the same arguments (tau does not matter); "auto" falls back with its warnings."""
+    return _plan(q, k, v, q_pos, k_pos, q_seg, k_seg, transform, backend, alibi_slopes, causal)[0]
+
+
+def _plan(q, k, v, q_pos, k_pos, q_seg, k_seg, transform, backend, alibi_slopes, causal):
+    """(backend name, q_pos, k_pos, q_seg, k_seg as the backends take them) after validation."""
+    q_pos, k_pos, q_seg, k_seg = prepare_inputs(q, k, v, q_pos, k_pos, q_seg, k_seg,
+                                                transform=transform, backend=backend,
+                                                alibi_slopes=alibi_slopes)
+    name = resolve(backend, q, k, v, transform=transform, q_pos=q_pos, k_pos=k_pos, q_seg=q_seg,
+                   k_seg=k_seg, causal=causal)
+    return name, q_pos, k_pos, q_seg, k_seg

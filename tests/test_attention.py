@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from scaleinv_dist import attention_reference
-from scaleinv_dist.attention import scale_invariant_attention
+from scaleinv_dist.attention import attention_backend_for, scale_invariant_attention
 from scaleinv_dist.transform import alibi_slopes, si_bias, si_scale
 
 TOL = 1e-10  # float64 reference vs naive float64: rounding only
@@ -211,6 +211,10 @@ def test_auto_takes_the_first_backend_that_supports_the_inputs(monkeypatch):
     out = scale_invariant_attention(q8, q8, q8, pos, pos)  # runs through the fake entry
     want = scale_invariant_attention(q8, q8, q8, pos, pos, backend="reference")
     assert torch.equal(out, want)
+    # attention_backend_for names what a call with the same arguments runs on
+    assert attention_backend_for(q8, q8, q8, pos, pos, tau=3.0) == "fast"
+    assert attention_backend_for(q16, q16, q16, pos, pos) == "reference"
+    assert attention_backend_for(q8, q8, q8, pos, pos, backend="reference") == "reference"
 
 
 def test_contract_backends_follow_the_protocol():

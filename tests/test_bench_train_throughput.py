@@ -24,6 +24,7 @@ def test_train_throughput_smoke(tmp_path, train_env):
                     for comp in (False, True)}
     for row in rows:
         assert row["status"] == "ok" and row["step_s"] > 0, row
+        assert row["kernel"] == ("sdpa-cudnn" if row["impl"] == "sdpa-rope" else "reference"), row
         assert row["attn_fwd_ms"] > 0 and row["attn_bwd_ms"] > 0 and row["rest_ms"] > 0, row
         assert row["attn_fwd_ms"] + row["attn_bwd_ms"] < row["busy_ms"], row
         mode = "compiled" if row["compile"] else "eager"
@@ -31,6 +32,7 @@ def test_train_throughput_smoke(tmp_path, train_env):
         assert "Self CPU" in (out / name).read_text()
     report = (out / "RESULTS.md").read_text()
     assert "## train_throughput" in report and "attn bwd" in report and "--smoke" in report
+    assert "| ours | reference |" in report and "attention runs on: reference" in r.stderr
 
 
 @pytest.mark.parametrize("args, words", [(["--ckpt", "4096:bogus"], "--ckpt entry"),
