@@ -170,7 +170,7 @@ def _summary(tmp_path) -> dict:
             (job.run_dir / "niah.json").write_text(json.dumps(
                 {"lengths": [8, 32, 128], "depths": [0, 1], "accuracy": [acc, acc], "hits": [[1] * 3] * 2,
                  "samples": 1, "accuracy_by_length": acc, "task": "passkey",
-                 "finetune": {"first_loss": 9.0, "last_loss": 0.1}}))
+                 "finetune": {"first_loss": 9.0, "last_loss": 0.1, "steps": 40}}))
         job.status = "ok"
     return sweep.collect(jobs, 8, [1, 4, 16])
 
@@ -214,6 +214,8 @@ def test_publish_writes_docs_and_replaces_its_section(tmp_path):
     assert "- scale-invariant p-RoPE within 0.05 nats of its 1x loss at 16x: agrees (16x - 1x = +0.030)." in text
     assert "- RoPE at least 0.5 nats above scale-invariant p-RoPE at 16x: agrees (gap +1.370)." in text
     assert "- needle accuracy of RoPE near 0 (<= 0.1) at 16x: agrees (0.00)." in text
+    cell = "| 40 steps, 9.00 → 0.10 |"  # the fine-tune cell: the same in RESULTS.md and sweep.md
+    assert cell in text and cell in (out / "sweep.md").read_text()
     for name in ("reproduction.json", "python_sweep_loss_vs_length.png", "python_sweep_buckets.png",
                  "python_sweep_needle.png"):
         assert (docs / name) in written and (docs / name).stat().st_size > 100

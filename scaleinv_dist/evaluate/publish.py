@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from .common import EvalError
-from .sweep import aggregate, mult_key, reproduction
+from .sweep import aggregate, finetune_cell, mult_key, reproduction
 
 SECTION_BEGIN = "<!-- python-sweep:begin (written by launch/sweep.py --publish) -->"
 SECTION_END = "<!-- python-sweep:end -->"
@@ -123,10 +123,8 @@ def section(summary: dict, manifest: dict | None, figures: dict) -> str:
         nm = sorted({k for v in needle.values() for k in v}, key=float)
         ft = {}
         for r in summary["rows"]:
-            f = (r.get("needle") or {}).get("finetune") or {}
-            if "first_loss" in f:
-                ft.setdefault(r.get("key", r["name"]),
-                              f"{f.get('steps', '?')}, {f['first_loss']:.2f} → {f['last_loss']:.2f}")
+            if r.get("needle"):
+                ft.setdefault(r.get("key", r["name"]), finetune_cell(r["needle"]))
         first = next((r["needle"].get("finetune") for r in summary["rows"] if r.get("needle")), None) or {}
         rounds = (f" in rounds of {first['round_steps']} steps, repeated until the accuracy at "
                   f"{first.get('length', L)} tokens on training-split contexts reached "

@@ -354,12 +354,18 @@ def markdown(summary: dict) -> str:
         head = ["job", "task", "fine-tune steps, answer loss"] + [f"needle @{n} ({n / L:g}L)" for n in lengths]
         body = []
         for r in needles:
-            ft = r["needle"].get("finetune") or {}
-            loss = (f"{ft.get('steps', '?')} steps, {ft['first_loss']:.2f} -> {ft['last_loss']:.2f}"
-                    if "first_loss" in ft else "-")
-            body.append([r["name"], r["needle"].get("task"), loss] + list(r["needle"]["accuracy_by_length"]))
+            body.append([r["name"], r["needle"].get("task"), finetune_cell(r["needle"])]
+                        + list(r["needle"]["accuracy_by_length"]))
         table += "\n\nNeedle accuracy (mean over depths):\n\n" + markdown_table(head, body)
     return table
+
+
+def finetune_cell(needle: dict) -> str:
+    """A needle result's fine-tune as one table cell: "N steps, first -> last answer loss"."""
+    ft = needle.get("finetune") or {}
+    if "first_loss" not in ft:
+        return "-"
+    return f"{ft.get('steps', '?')} steps, {ft['first_loss']:.2f} → {ft['last_loss']:.2f}"
 
 
 def prepare_sweep_data(cfg, out: Path) -> dict:
