@@ -307,6 +307,8 @@ if IMPORT_ERROR is None:
                          tile_n: cutlass.Constexpr, cols: cutlass.Constexpr,
                          pack: cutlass.Constexpr, tau: cutlass.Constexpr,
                          exact: cutlass.Constexpr):
+        """tile_score_mod below degree 1: degree 2 where the tile passes
+        poly_min_distance(cols, tau), else exact(). poly: row_polynomials' arguments up to grad."""
         if far_tile(m_block, n_block, tile_m, tile_n, cols, pack, tau):
             row_polynomials(*poly)
         else:
