@@ -191,15 +191,15 @@ class _AttnBackwardEnd(torch.autograd.Function):
         return None, dq, dk, dv
 
 
-def marked_attend(attend, state: dict, kernel_of=None):
+def marked_attend(attend, state: dict, kernel_of):
     """attend wrapped in profiler ranges "attention_forward" / "attention_backward" while
     state["on"]: the split needs no kernel names (ours, cuDNN, FlexAttention, the CP ring alike).
     Autograd runs the attention's backward nodes between the two markers' backward calls (nothing
     else in the block is ready then), and a checkpoint's recompute of the attention counts as
-    attention forward. kernel_of(q, k, v, *rest), when given, names the backend of the first call
-    into state["kernel"] (printed at once: a fallback shows before a long step ends)."""
+    attention forward. kernel_of(q, k, v, *rest) names the backend of the first call into
+    state["kernel"] (printed at once: a fallback shows before a long step ends)."""
     def attend_marked(q, k, v, *rest):
-        if kernel_of is not None and "kernel" not in state:
+        if "kernel" not in state:
             state["kernel"] = kernel_of(q, k, v, *rest)
             print(f"attention runs on: {state['kernel']}", file=sys.stderr, flush=True)
         if not state["on"]:

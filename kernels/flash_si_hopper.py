@@ -390,7 +390,7 @@ def _mufu_rsqrt(x):
 
 
 @functools.lru_cache(maxsize=None)
-def _tile_classes(tau: float, linear_far: bool = False):
+def _tile_classes(tau: float, linear_far: bool):
     """(TileSIForward, TileSIBackward) with tau and linear_far (`tile_lin`) compiled in."""
     suffix = f"_tau{tau:g}" + ("_lin" if linear_far else "")
     return tuple(type(base.__name__ + suffix, (base,), {"tau": float(tau), "linear_far": linear_far})

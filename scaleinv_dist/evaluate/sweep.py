@@ -361,7 +361,7 @@ def markdown(summary: dict) -> str:
 
 
 def finetune_cell(needle: dict) -> str:
-    """A needle result's fine-tune as one table cell: "N steps, first -> last answer loss"."""
+    """A needle result's fine-tune as one table cell: "N steps, first → last answer loss"."""
     ft = needle.get("finetune") or {}
     if "first_loss" not in ft:
         return "-"
