@@ -73,15 +73,15 @@ _CONTIGUOUS_CACHE: dict = {}
 #   tile_lin  as `tile`, and on the farthest tiles (distance over the degree-1 rule, POLY_RATIO[1])
 #           degree-1 polynomials: 3 FMA per element (forward), 2 (backward's dL/dS).
 #   auto    the fastest measured (`pick_variant`): `tile_lin` in both directions at the head dims
-#           where the tile variants passed the float64 GPU test (TILE_GPU_CHECKED), `mufu` at the
-#           others. Measured on one H200, 2026-12-05 (benchmarks/hopper_variants.py, N = 16k and
-#           64k): tile_lin is the fastest forward at D = 64 and 128 and the fastest backward at
-#           D = 64; at D = 128 its backward ties `mufu` (0.873 vs 0.877 of FA4 plain at 16k,
-#           0.883 vs 0.870 at 64k).
+#           where it was both timed and checked against float64 on a GPU (TILE_LIN_AUTO_HEAD_DIMS),
+#           `mufu` at the others (tile_lin passed the float64 GPU test at every head dim on an
+#           H100, 2026-12-05, but was timed only at D = 64 and 128). Measured on one H200,
+#           2026-12-05 (benchmarks/hopper_variants.py, N = 16k and 64k): tile_lin is the fastest
+#           forward at D = 64 and 128 and the fastest backward at D = 64; at D = 128 its backward
+#           ties `mufu` (0.873 vs 0.877 of FA4 plain at 16k, 0.883 vs 0.870 at 64k).
 VARIANTS = ("mufu", "swlog", "swsqrt", "sw", "tile", "tile_lin")
 TILE_VARIANTS = ("tile", "tile_lin")  # our subclasses of FA4's kernels (near the diagonal: mufu)
-TILE_GPU_CHECKED = (64, 128)  # head dims at which `tile` and `tile_lin` passed the float64 GPU
-                              # test; `auto` takes `mufu` at the others
+TILE_LIN_AUTO_HEAD_DIMS = (64, 128)  # where `auto` takes tile_lin: timed faster than mufu there
 DEFAULT_VARIANT = "auto"
 # What forward/backward use: the environment variable named VARIANT_ENV, else the default
 # (benchmarks/hopper_variants.py sets it per row).
@@ -464,7 +464,7 @@ def pick_variant(variant: str, head_dim: int) -> str:
             raise ValueError(f"unknown Hopper transform variant {variant!r} ({VARIANT_ENV})"
                              f"; choose auto or one of {', '.join(VARIANTS)}")
         return variant
-    return "tile_lin" if head_dim in TILE_GPU_CHECKED else "mufu"
+    return "tile_lin" if head_dim in TILE_LIN_AUTO_HEAD_DIMS else "mufu"
 
 
 @contextlib.contextmanager

@@ -297,8 +297,8 @@ def test_tile_row_polynomials_within_the_kernel_error_bound(tile_n, toward, degr
 
 
 def test_auto_variant_takes_tile_lin_only_where_measured_and_checked():
-    """`auto`: tile_lin at D = 64 and 128 (checked on a GPU), mufu at the other head dims; a named
-    variant passes through, an unknown one is refused naming the setting."""
+    """`auto`: tile_lin at D = 64 and 128 (timed and checked on a GPU), mufu at the other head
+    dims; a named variant passes through, an unknown one is refused naming the setting."""
     pick = hopper.pick_variant
     assert [pick("auto", d) for d in (64, 96, 128, 192, 256)] == \
         ["tile_lin", "mufu", "tile_lin", "mufu", "mufu"]
