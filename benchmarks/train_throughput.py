@@ -160,6 +160,16 @@ def step_time(model, opt, batch: int, seq_len: int, vocab: int, repeats: int, de
     return times[len(times) // 2], mem
 
 
+def oom_detail(err: BaseException, device: torch.device) -> dict:
+    """What an out-of-memory row records: the allocator's message without its closing advice
+    (what was asked for, what was in use), and on CUDA the peak allocated before the failure (GiB)."""
+    message = " ".join(str(err).split()).split(" If reserved but unallocated")[0]
+    detail = {"oom": message[:400]}
+    if device.type == "cuda":
+        detail["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return detail
+
+
 # ----------------------------------------------------------------------------- profile split
 class _AttnBackwardStart(torch.autograd.Function):
     """Identity on the attention output; its backward opens the "attention backward" range."""
@@ -382,8 +392,9 @@ def main() -> None:
                 name = f"top_kernels_{impl}_{seq_len}_{ckpt}_{'compiled' if compiled else 'eager'}.txt"
                 top = out / name if out is not None and rank == 0 else None
                 row.update(profile_step(model, opt, batch, seq_len, args.vocab, device, state, top, cp))
-        except torch.cuda.OutOfMemoryError:
-            row["status"] = "OOM"
+        except torch.cuda.OutOfMemoryError as err:
+            row.update(status="OOM", **oom_detail(err, device))
+            print(f"{impl} {seq_len} {ckpt} compile={compiled}: out of memory: {row['oom']}", file=sys.stderr)
         except Exception as err:  # noqa: BLE001 - a failing row is reported; the others still run
             row["status"] = f"failed: {type(err).__name__}: {str(err)[:160]}"
             print(f"{impl} {seq_len} {ckpt} compile={compiled}: {row['status']}", file=sys.stderr)
@@ -424,8 +435,9 @@ def report(rows, args, peak, device: torch.device, out: Path | None) -> None:
     for r in rows:
         comp = "on" if r["compile"] else "off"
         if r["status"] != "ok":
+            before = f"{r['peak_gib']:.1f} before failing" if "peak_gib" in r else ""
             lines.append(f"| {r['impl']} | {r['kernel']} | {r['seq_len']} | | {r['gpus']} | {r['ckpt']} | {comp} | "
-                         f"{r['status']} | | | | |")
+                         f"{r['status']} | | | {before} | |")
             continue
         b = base.get(key(r))
         ratio = f"{r['step_s'] / b['step_s']:.2f}x" if b and "probe" not in r else ""
@@ -434,6 +446,9 @@ def report(rows, args, peak, device: torch.device, out: Path | None) -> None:
                      f"{r['gpus']} | {r['ckpt']} | {comp} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | "
                      f"{100 * r['mfu']:.1f}% | {r['peak_gib']:.1f} | {ratio} |")
     table = "\n".join(lines)
+    ooms = [f"- {r['impl']} at {r['seq_len']} tokens, {r['ckpt']}: {r['oom']}" for r in rows if "oom" in r]
+    if ooms:
+        table += "\n\nOut of memory (the allocator's message):\n" + "\n".join(ooms)
     prof = [r for r in rows if r["status"] == "ok" and "busy_ms" in r]
     if prof:
         unit = "GPU kernel time" if device.type == "cuda" else "CPU time"

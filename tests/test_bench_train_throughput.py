@@ -42,3 +42,40 @@ def test_bad_options_are_one_line_errors(train_env, args, words):
                        env=train_env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_oom_detail_keeps_the_allocators_numbers_and_drops_its_advice():
+    """An out-of-memory row records what was asked for and what was in use, not the allocator's
+    closing advice (and no peak on CPU, where there is no CUDA allocator to ask)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torch
+    import train_throughput
+
+    err = torch.cuda.OutOfMemoryError(
+        "CUDA out of memory. Tried to allocate 6.00 GiB. GPU 0 has a total capacity of 79.19 GiB of\n"
+        "which 2.31 GiB is free. Of the allocated memory 70.12 GiB is allocated by PyTorch. If "
+        "reserved but unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=...")
+    detail = train_throughput.oom_detail(err, torch.device("cpu"))
+    assert detail == {"oom": "CUDA out of memory. Tried to allocate 6.00 GiB. GPU 0 has a total "
+                             "capacity of 79.19 GiB of which 2.31 GiB is free. Of the allocated "
+                             "memory 70.12 GiB is allocated by PyTorch."}
+
+
+def test_report_shows_an_oom_rows_peak_and_message(tmp_path):
+    """An out-of-memory row shows the peak before the failure in the table, and the allocator's
+    message below it and in the JSON lines."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import types
+
+    import torch
+    import train_throughput
+
+    row = dict(impl="ours-hopper", seq_len=2097152, gpus=1, ckpt="offload", compile=True,
+               status="OOM", kernel="hopper", probe="longest", peak_gib=75.25,
+               oom="CUDA out of memory. Tried to allocate 6.00 GiB.")
+    args = types.SimpleNamespace(results=str(tmp_path / "RESULTS.md"))
+    train_throughput.report([row], args, 989.0, torch.device("cpu"), tmp_path / "out")
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "| ours-hopper | hopper | 2097152 | | 1 | offload | on | OOM | | | 75.2 before failing | |" in text
+    assert "- ours-hopper at 2097152 tokens, offload: CUDA out of memory. Tried to allocate 6.00 GiB." in text
+    assert json.loads((tmp_path / "out" / "train_throughput.jsonl").read_text())["oom"] == row["oom"]
