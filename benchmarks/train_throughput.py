@@ -52,6 +52,8 @@ from scaleinv_dist.device import prefer_expandable_segments  # noqa: E402
 from scaleinv_dist.kernels.flash_si_hopper import variant_env_prefix  # noqa: E402
 from scaleinv_dist.model import build_model, compile_model  # noqa: E402
 
+import memory_peak  # noqa: E402  (beside this script)
+
 CKPT_MODES = ("none", "selective", "full", "offload")
 SMOKE_OVERRIDES = ["model.n_layer=2", "model.d_model=64", "model.n_head=4", "model.n_kv_head=2"]
 
@@ -338,6 +340,10 @@ def main() -> None:
                          "where the Hopper kernels cannot run)")
     ap.add_argument("--probe-repeats", type=int, default=0,
                     help="timed steps per --longest length after an untimed first; 0: time the one step")
+    ap.add_argument("--memory-trace", action="store_true",
+                    help="record the CUDA allocator's history in each measured row and write, to --out, "
+                         "the allocations alive at its peak by line of code (memory_peak_*.txt; "
+                         "a diagnostic: recording slows the step)")
     ap.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")))
     ap.add_argument("--smoke", action="store_true",
                     help="a check that the script runs, in seconds, on CPU or GPU: a 2-layer model of "
@@ -384,7 +390,10 @@ def main() -> None:
         row = dict(impl=impl, seq_len=seq_len, gpus=world, ckpt=ckpt, compile=compiled)
         try:
             batch = 1 if cp is not None else max(1, args.tokens_per_step // seq_len)
-            sec, mem = step_time(model, opt, batch, seq_len, args.vocab, repeats, device, cp)
+            trace = out / f"memory_peak_{impl}_{seq_len}_{ckpt}_{'compiled' if compiled else 'eager'}.txt" \
+                if args.memory_trace and out is not None and rank == 0 else None
+            with memory_peak.recorded(trace, device):
+                sec, mem = step_time(model, opt, batch, seq_len, args.vocab, repeats, device, cp)
             tok_s = batch * seq_len / sec
             mfu = model.flops_per_token(seq_len) * tok_s / world / (peak * 1e12)
             row.update(batch=batch, step_s=sec, tokens_per_s=tok_s, mfu=mfu, peak_gib=mem, status="ok")
