@@ -30,6 +30,7 @@ from .attention import scale_invariant_attention
 from .config import AttentionConfig, ModelConfig
 from .device import computes_in_bf16
 from .loss import chunked_cross_entropy
+from .offload import HostOffload
 from .transform import alibi_slopes
 
 Attend = Callable[..., torch.Tensor]
@@ -229,7 +230,12 @@ class GPT(nn.Module):
         """Final normalised hidden states (B, N, d_model) for tokens/positions/doc_ids (B, N)."""
         if tokens.shape != positions.shape:
             raise ValueError(f"positions {tuple(positions.shape)} must match tokens {tuple(tokens.shape)}")
-        x = rms_norm(self.wte(tokens))
+        if self.checkpoint_blocks and torch.is_grad_enabled():
+            # full / offload: the norm's input is recomputed in the backward, not kept (fp32,
+            # 6 GiB at 2M tokens of width 768)
+            x = checkpoint(self._embed, tokens, use_reentrant=False)
+        else:
+            x = self._embed(tokens)
         rotary = None
         if self.inv_freq is not None:
             if self.inv_freq.device != positions.device:  # once, not a blocking host copy per step
@@ -238,15 +244,17 @@ class GPT(nn.Module):
         for block in self.blocks:
             if self.checkpoint_blocks and torch.is_grad_enabled():
                 # offload: the reentrant form keeps its inputs through save_for_backward, which the
-                # save_on_cpu hooks move to host memory (the non-reentrant form keeps them on GPU)
+                # HostOffload hooks move to host memory (the non-reentrant form keeps them on GPU)
                 offload = self.offload_checkpoints
-                with (torch.autograd.graph.save_on_cpu(pin_memory=x.is_cuda) if offload
-                      else contextlib.nullcontext()):
+                with HostOffload(pin_memory=x.is_cuda) if offload else contextlib.nullcontext():
                     x = checkpoint(block, x, rotary, positions, doc_ids, self.attend,
                                    use_reentrant=offload)
             else:
                 x = block(x, rotary, positions, doc_ids, self.attend)
         return rms_norm(x)
+
+    def _embed(self, tokens):
+        return rms_norm(self.wte(tokens))
 
     def forward(self, tokens, positions, doc_ids=None, labels=None):
         """Logits (B, N, V), or with labels (B, N; loss.IGNORE_INDEX ignored) the pair (loss_sum fp32, n_tokens)."""

@@ -132,11 +132,13 @@ def test_activation_checkpointing_flags():
 
 def test_offload_keeps_block_inputs_in_host_memory(monkeypatch):
     """With "offload" the tensors autograd keeps from the forward pass are the blocks' inputs
-    (and positions), packed by save_on_cpu: nothing of the block's insides is saved."""
+    (and positions), packed by HostOffload: nothing of the block's insides is saved."""
+    from scaleinv_dist import offload
+
     model = build_model(small_cfg("train.activation_checkpointing=offload"))
     tokens, positions, doc_ids, labels = batch()
     packed = []
-    real_init = torch.autograd.graph.save_on_cpu.__init__
+    real_init = offload.HostOffload.__init__
 
     def spy_init(self, *args, **kwargs):
         real_init(self, *args, **kwargs)
@@ -147,11 +149,25 @@ def test_offload_keeps_block_inputs_in_host_memory(monkeypatch):
             return inner(t)
         self.pack_hook = pack
 
-    monkeypatch.setattr(torch.autograd.graph.save_on_cpu, "__init__", spy_init)
+    monkeypatch.setattr(offload.HostOffload, "__init__", spy_init)
     loss_sum, n = model(tokens, positions, doc_ids, labels)
     (loss_sum / n).backward()
     assert packed.count((B, N, 32)) == len(model.blocks), packed  # one input per block (d_model 32)
     assert set(packed) <= {(B, N, 32), (B, N)}, packed  # and the positions / document ids
+
+
+@pytest.mark.parametrize("mode, kept", [("none", True), ("full", False), ("offload", False)])
+def test_full_and_offload_recompute_the_embedding_instead_of_keeping_it(mode, kept):
+    """Outside the blocks' checkpoints, `full` and `offload` keep only the tokens of the embedding
+    (its fp32 output, input of the first norm, is recomputed in the backward); `none` keeps it."""
+    model = build_model(small_cfg(f"train.activation_checkpointing={mode}"))
+    tokens, positions, doc_ids, labels = batch()
+    outputs, saved = [], set()
+    model.wte.register_forward_hook(lambda module, args, out: outputs.append(out))  # kept alive
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.add(t.data_ptr()) or t, lambda t: t):
+        loss_sum, n = model(tokens, positions, doc_ids, labels)
+    (loss_sum / n).backward()
+    assert (outputs[0].data_ptr() in saved) == kept
 
 
 @pytest.mark.parametrize("fraction", [0.25, 0.5, 0.75, 1.0])
