@@ -1,8 +1,12 @@
 """benchmarks/attention.py without a GPU: the timing and ratio tables it prints from measured
-(fwd ms, bwd ms) per (D, N, impl)."""
+(fwd ms, bwd ms) per (D, N, impl). The script imports triton (through our kernels), so, as in the
+kernel tests, TRITON_INTERPRET=1 is set before that import: a triton imported without it has no
+driver on CPU for the test files that follow."""
+import os
 import sys
 from pathlib import Path
 
+os.environ["TRITON_INTERPRET"] = "1"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import attention as bench  # noqa: E402
 
