@@ -54,3 +54,26 @@ def test_cli_summarises_a_snapshot_file_and_refuses_a_bad_one_in_one_line(tmp_pa
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory_peak.py"),
                         str(tmp_path / "bad.pickle")], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "cannot read" in r.stderr, r
+
+
+def test_recorded_writes_the_summary_also_when_the_step_runs_out_of_memory(tmp_path, monkeypatch):
+    """The CUDA plumbing with the allocator's history API stubbed (no GPU here): recording starts
+    before the block, stops after it, and the summary is written even when the block raises."""
+    import pytest
+    import torch
+
+    calls = []
+    trace = [_ev("alloc", 1, 2, MODEL), _ev("oom", 0, 4)]
+    monkeypatch.setattr(torch.cuda.memory, "_record_memory_history",
+                        lambda enabled="all", **kw: calls.append(enabled))
+    monkeypatch.setattr(torch.cuda.memory, "_snapshot", lambda: {"device_traces": [trace]})
+    path = tmp_path / "sub" / "memory_peak.txt"
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        with memory_peak.recorded(path, torch.device("cuda", 0)):
+            assert calls == ["all"]
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+    assert calls == ["all", None]
+    assert "asking for 4.00 GiB" in path.read_text()
+    with memory_peak.recorded(tmp_path / "cpu.txt", torch.device("cpu")):  # CPU: nothing recorded
+        pass
+    assert calls == ["all", None] and not (tmp_path / "cpu.txt").exists()
