@@ -45,17 +45,18 @@ def peak_allocations(trace: list[dict]) -> tuple[int, list[tuple[str, int, int]]
     """(bytes alive, [(origin, bytes, blocks)] alive, largest first, the failed request or None) at
     the peak of one device's trace (events with action, addr, size, frames), or at its last
     out-of-memory event when there is one."""
-    total = peak = peak_at = 0
-    for i, e in enumerate(trace):
-        if e["action"] == "alloc":
-            total += e["size"]
-        elif e["action"] == "free_completed":
-            total -= e["size"]
-        if total > peak:
-            peak, peak_at = total, i
     ooms = [i for i, e in enumerate(trace) if e["action"] == "oom"]
     if ooms:
         peak_at = ooms[-1]
+    else:
+        total = peak = peak_at = 0
+        for i, e in enumerate(trace):
+            if e["action"] == "alloc":
+                total += e["size"]
+            elif e["action"] == "free_completed":
+                total -= e["size"]
+            if total > peak:
+                peak, peak_at = total, i
     live: dict[int, dict] = {}
     for e in trace[:peak_at + 1]:
         if e["action"] == "alloc":

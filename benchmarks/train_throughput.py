@@ -388,19 +388,22 @@ def main() -> None:
         model.attend = marked_attend(model.attend, state, kernel_reporter(model, impl, cp))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
         row = dict(impl=impl, seq_len=seq_len, gpus=world, ckpt=ckpt, compile=compiled)
+
+        def row_file(kind: str) -> Path | None:
+            """--out/<kind>_<impl>_<len>_<ckpt>_<compiled|eager>.txt on rank 0, else None."""
+            mode = "compiled" if compiled else "eager"
+            return out / f"{kind}_{impl}_{seq_len}_{ckpt}_{mode}.txt" if out is not None and rank == 0 else None
+
         try:
             batch = 1 if cp is not None else max(1, args.tokens_per_step // seq_len)
-            trace = out / f"memory_peak_{impl}_{seq_len}_{ckpt}_{'compiled' if compiled else 'eager'}.txt" \
-                if args.memory_trace and out is not None and rank == 0 else None
-            with memory_peak.recorded(trace, device):
+            with memory_peak.recorded(row_file("memory_peak") if args.memory_trace else None, device):
                 sec, mem = step_time(model, opt, batch, seq_len, args.vocab, repeats, device, cp)
             tok_s = batch * seq_len / sec
             mfu = model.flops_per_token(seq_len) * tok_s / world / (peak * 1e12)
             row.update(batch=batch, step_s=sec, tokens_per_s=tok_s, mfu=mfu, peak_gib=mem, status="ok")
             if profile:
-                name = f"top_kernels_{impl}_{seq_len}_{ckpt}_{'compiled' if compiled else 'eager'}.txt"
-                top = out / name if out is not None and rank == 0 else None
-                row.update(profile_step(model, opt, batch, seq_len, args.vocab, device, state, top, cp))
+                row.update(profile_step(model, opt, batch, seq_len, args.vocab, device, state,
+                                        row_file("top_kernels"), cp))
         except torch.cuda.OutOfMemoryError as err:
             row.update(status="OOM", **oom_detail(err, device))
             print(f"{impl} {seq_len} {ckpt} compile={compiled}: out of memory: {row['oom']}", file=sys.stderr)

@@ -230,19 +230,17 @@ class GPT(nn.Module):
         """Final normalised hidden states (B, N, d_model) for tokens/positions/doc_ids (B, N)."""
         if tokens.shape != positions.shape:
             raise ValueError(f"positions {tuple(positions.shape)} must match tokens {tuple(tokens.shape)}")
-        if self.checkpoint_blocks and torch.is_grad_enabled():
-            # full / offload: the norm's input is recomputed in the backward, not kept (fp32,
-            # 6 GiB at 2M tokens of width 768)
-            x = checkpoint(self._embed, tokens, use_reentrant=False)
-        else:
-            x = self._embed(tokens)
+        recompute = self.checkpoint_blocks and torch.is_grad_enabled()  # full / offload
+        # recomputed, the embedding keeps only the tokens, not the norm's fp32 input (6 GiB at 2M
+        # tokens of width 768)
+        x = checkpoint(self._embed, tokens, use_reentrant=False) if recompute else self._embed(tokens)
         rotary = None
         if self.inv_freq is not None:
             if self.inv_freq.device != positions.device:  # once, not a blocking host copy per step
                 self.inv_freq = self.inv_freq.to(positions.device)
             rotary = rotary_tables(positions, self.inv_freq, x.dtype)
         for block in self.blocks:
-            if self.checkpoint_blocks and torch.is_grad_enabled():
+            if recompute:
                 # offload: the reentrant form keeps its inputs through save_for_backward, which the
                 # HostOffload hooks move to host memory (the non-reentrant form keeps them on GPU)
                 offload = self.offload_checkpoints

@@ -1,14 +1,18 @@
 """benchmarks/train_throughput.py --smoke runs end to end on CPU (both attention implementations,
 compile off and on, per-length checkpointing, the profiled split) and writes its tables and the
-top-kernel files. No timing is asserted."""
+top-kernel files. No timing is asserted. The report of an out-of-memory row is checked in process."""
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import train_throughput  # noqa: E402
 
 
 @pytest.mark.slow
@@ -47,10 +51,6 @@ def test_bad_options_are_one_line_errors(train_env, args, words):
 def test_oom_detail_keeps_the_allocators_numbers_and_drops_its_advice():
     """An out-of-memory row records what was asked for and what was in use, not the allocator's
     closing advice (and no peak on CPU, where there is no CUDA allocator to ask)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import torch
-    import train_throughput
-
     err = torch.cuda.OutOfMemoryError(
         "CUDA out of memory. Tried to allocate 6.00 GiB. GPU 0 has a total capacity of 79.19 GiB of\n"
         "which 2.31 GiB is free. Of the allocated memory 70.12 GiB is allocated by PyTorch. If "
@@ -64,12 +64,6 @@ def test_oom_detail_keeps_the_allocators_numbers_and_drops_its_advice():
 def test_report_shows_an_oom_rows_peak_and_message(tmp_path):
     """An out-of-memory row shows the peak before the failure in the table, and the allocator's
     message below it and in the JSON lines."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import types
-
-    import torch
-    import train_throughput
-
     row = dict(impl="ours-hopper", seq_len=2097152, gpus=1, ckpt="offload", compile=True,
                status="OOM", kernel="hopper", probe="longest", peak_gib=75.25,
                oom="CUDA out of memory. Tried to allocate 6.00 GiB.")
