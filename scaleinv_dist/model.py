@@ -118,7 +118,21 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(b, n, -1))
 
 
-MAX_HIDDEN_ELEMENTS = 2**30  # MLP hidden activation per chunk (elements)
+MAX_HIDDEN_ELEMENTS = 2**30  # MLP hidden activation per token chunk (elements)
+RECOMPUTE_CHUNK_TOKENS = 1 << 16  # full / offload: tokens per recomputed chunk of a block's halves
+
+
+def over_token_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                      width: int) -> torch.Tensor:
+    """fn(x) for x (B, N, ...) and a per-token fn, run on token chunks of x small enough that a
+    (B, chunk, width) intermediate has at most MAX_HIDDEN_ELEMENTS elements, then concatenated
+    along the tokens; fn(x) itself when x fits whole. (At 1M tokens an (N, 4 d_model) bf16 tensor
+    has more than 2^31 elements, past what some CUDA kernels index; it is also 6 GiB.)"""
+    b, n = x.shape[:2]
+    if b * n * width <= MAX_HIDDEN_ELEMENTS:
+        return fn(x)
+    step = max(1, MAX_HIDDEN_ELEMENTS // (b * width))
+    return torch.cat([fn(c) for c in x.split(step, dim=1)], 1)
 
 
 class MLP(nn.Module):
@@ -129,14 +143,8 @@ class MLP(nn.Module):
         self.proj = nn.Linear(hidden, cfg.d_model, bias=False)
 
     def forward(self, x):
-        """x (B, N, d_model). Long sequences go through in token chunks so that the hidden
-        activation never exceeds MAX_HIDDEN_ELEMENTS (at 1M tokens a (N, 4 d_model) bf16 tensor has
-        more than 2^31 elements, past what some CUDA kernels index; it is also 6 GiB)."""
-        hidden = self.fc.out_features
-        if x.shape[0] * x.shape[1] * hidden <= MAX_HIDDEN_ELEMENTS:
-            return self.proj(F.relu(self.fc(x)).square())
-        step = max(1, MAX_HIDDEN_ELEMENTS // (x.shape[0] * hidden))
-        return torch.cat([self.proj(F.relu(self.fc(c)).square()) for c in x.split(step, dim=1)], 1)
+        """x (B, N, d_model), in token chunks for long sequences (over_token_chunks)."""
+        return over_token_chunks(lambda c: self.proj(F.relu(self.fc(c)).square()), x, self.fc.out_features)
 
 
 class Block(nn.Module):
@@ -153,6 +161,7 @@ class Block(nn.Module):
         self.attn = Attention(cfg, attn, train_seq_len)
         self.mlp = MLP(cfg)
         self.checkpoint_mlp = False  # "selective" activation checkpointing
+        self.checkpoint_halves = False  # "full" / "offload": halves recomputed in token chunks
 
     def pre(self, x, rotary, positions):
         return self.attn.heads(rms_norm(x), rotary, positions)
@@ -167,8 +176,34 @@ class Block(nn.Module):
         return self.mlp(rms_norm(x))
 
     def forward(self, x, rotary, positions, doc_ids, attend):
+        """x (B, N, d_model) -> (B, N, d_model); rotary (cos, sin) (B, 1, N, D/2) or None."""
+        if self.checkpoint_halves and torch.is_grad_enabled():
+            return self._forward_in_checkpointed_chunks(x, rotary, positions, doc_ids, attend)
         q, k, v = self.pre(x, rotary, positions)
         return self.post(x, attend(q, k, v, positions, positions, doc_ids, doc_ids))
+
+    def _forward_in_checkpointed_chunks(self, x, rotary, positions, doc_ids, attend):
+        """forward, with `pre` and `post` each run on token chunks of at most
+        RECOMPUTE_CHUNK_TOKENS tokens (all rows together) under activation checkpointing.
+
+        For full / offload, whose recompute of a whole block otherwise keeps every intermediate of
+        both halves for the whole sequence (about 36 KB per token at width 768: 70 GiB at 2M
+        tokens). This way the block keeps its input and what the attention saves (q, k, v, out),
+        and the backward holds one chunk's intermediates at a time; each half is computed once more
+        (a few percent of a step at these lengths, where attention dominates)."""
+        step = max(1, RECOMPUTE_CHUNK_TOKENS // x.shape[0])
+        spans = [(s, min(s + step, x.shape[1])) for s in range(0, x.shape[1], step)]
+
+        def rotary_span(s, e):
+            return None if rotary is None else tuple(t[:, :, s:e] for t in rotary)
+
+        heads = [checkpoint(self.pre, x[:, s:e], rotary_span(s, e), positions[:, s:e], use_reentrant=False)
+                 for s, e in spans]
+        q, k, v = (torch.cat(parts, dim=2) for parts in zip(*heads))
+        del heads
+        y = attend(q, k, v, positions, positions, doc_ids, doc_ids)
+        return torch.cat([checkpoint(self.post, x[:, s:e], y[:, :, s:e], use_reentrant=False)
+                          for s, e in spans], dim=1)
 
 
 class GPT(nn.Module):
@@ -213,10 +248,11 @@ class GPT(nn.Module):
                                          **self.attention_options())
 
     def set_activation_checkpointing(self, mode: str) -> None:
-        """none | selective (recompute the MLPs) | full (recompute whole blocks) | offload (full,
-        with each block's input kept in pinned host memory until its backward, and the MLPs
-        recomputed once more inside the block's backward: the longest sequences). `auto` is resolved
-        before this call (resolve_auto_checkpointing)."""
+        """none | selective (recompute the MLPs) | full (recompute whole blocks; inside a block's
+        recompute, its two halves are recomputed once more, in token chunks: Block.
+        _forward_in_checkpointed_chunks) | offload (full, with each block's input kept in pinned
+        host memory until its backward: the longest sequences). `auto` is resolved before this call
+        (resolve_auto_checkpointing)."""
         if mode not in memory.MODES:
             raise ValueError(f"activation checkpointing mode {mode!r}: choose one of "
                              f"{', '.join(memory.MODES)} (resolve auto with resolve_auto_checkpointing)")
@@ -224,7 +260,8 @@ class GPT(nn.Module):
         self.checkpoint_blocks = mode in ("full", "offload")
         self.offload_checkpoints = mode == "offload"
         for block in self.blocks:
-            block.checkpoint_mlp = mode in ("selective", "offload")
+            block.checkpoint_mlp = mode == "selective"
+            block.checkpoint_halves = self.checkpoint_blocks
 
     def hidden_states(self, tokens, positions, doc_ids=None):
         """Final normalised hidden states (B, N, d_model) for tokens/positions/doc_ids (B, N)."""

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from scaleinv_dist.config import load_config
+import scaleinv_dist.model as model_mod
 from scaleinv_dist.loss import chunked_cross_entropy
 from scaleinv_dist.model import apply_rotary, build_model, rotary_inv_freq, rotary_tables
 from tiny_runs import packed_batch
@@ -106,7 +107,10 @@ def test_model_loss_chunk_size_does_not_matter():
 
 
 @pytest.mark.parametrize("mode", ["full", "selective", "offload"])
-def test_activation_checkpointing_gives_the_same_gradients(mode):
+def test_activation_checkpointing_gives_the_same_gradients(mode, monkeypatch):
+    """fp32: the loss is bit-identical, gradients within rtol 1e-6. full / offload recompute each
+    block's halves in token chunks, here 5 chunks of at most 5 tokens (B = 2 rows of 24)."""
+    monkeypatch.setattr(model_mod, "RECOMPUTE_CHUNK_TOKENS", 10)
     tokens, positions, doc_ids, labels = batch()
     results = {}
     for m in ("none", mode):
@@ -122,12 +126,53 @@ def test_activation_checkpointing_gives_the_same_gradients(mode):
 
 def test_activation_checkpointing_flags():
     model = build_model(small_cfg("train.activation_checkpointing=full"))
-    assert model.checkpoint_blocks and not any(b.checkpoint_mlp for b in model.blocks)
+    assert model.checkpoint_blocks and not model.offload_checkpoints
+    assert all(b.checkpoint_halves and not b.checkpoint_mlp for b in model.blocks)
     model = build_model(small_cfg("train.activation_checkpointing=selective"))
-    assert not model.checkpoint_blocks and all(b.checkpoint_mlp for b in model.blocks)
+    assert not model.checkpoint_blocks
+    assert all(b.checkpoint_mlp and not b.checkpoint_halves for b in model.blocks)
     model = build_model(small_cfg("train.activation_checkpointing=offload"))
     assert model.checkpoint_blocks and model.offload_checkpoints
-    assert all(b.checkpoint_mlp for b in model.blocks)
+    assert all(b.checkpoint_halves and not b.checkpoint_mlp for b in model.blocks)
+
+
+def cpu_peak_bytes(fn) -> int:
+    """The most CPU memory fn() holds at once beyond what was allocated before (bytes), from the
+    profiler's allocation events."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    held = peak = 0
+    for e in events:
+        held += e.nbytes()
+        peak = max(peak, held)
+    return peak
+
+
+def test_recomputing_a_block_in_token_chunks_lowers_its_peak_memory(monkeypatch):
+    """full / offload recompute a block in its backward; with its halves in 8 checkpointed token
+    chunks the block's forward + backward holds at most 0.8x the memory of one chunk (measured at
+    width 64, 1024 tokens, fp32, an attention that keeps linear memory: 6.9 vs 4.7 KB per token)."""
+    model = build_model(load_config(None, ["model.n_layer=1", "model.d_model=64", "model.n_head=4",
+                                           f"model.vocab_size={V}", "train.activation_checkpointing=full"]))
+    block, n = model.blocks[0], 1024
+    positions = torch.arange(n)[None]
+    rotary = rotary_tables(positions, model.inv_freq, torch.float32)
+    x = torch.randn(1, n, 64, requires_grad=True)
+
+    def sdpa(q, k, v, *rest):  # PyTorch's CPU flash attention: keeps q, k, v, out and the lse
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def forward_backward():
+        block(x, rotary, positions, None, sdpa).sum().backward()
+
+    peaks = {}
+    for chunk in (n, n // 8):
+        monkeypatch.setattr(model_mod, "RECOMPUTE_CHUNK_TOKENS", chunk)
+        forward_backward()  # allocator and profiler warm-up
+        peaks[chunk] = cpu_peak_bytes(forward_backward)
+    assert peaks[n // 8] <= 0.8 * peaks[n], peaks
 
 
 def test_offload_keeps_block_inputs_in_host_memory(monkeypatch):
@@ -278,8 +323,6 @@ def test_attention_gets_one_dtype_under_autocast():
 def test_mlp_token_chunks_change_nothing(monkeypatch):
     """Long sequences run the MLP in token chunks (no (N, 4 d) tensor past 2^30 elements); the
     output and gradients equal the unchunked MLP's (fp32, rtol 1e-6)."""
-    import scaleinv_dist.model as model_mod
-
     torch.manual_seed(0)
     mlp = model_mod.MLP(small_cfg().model)
     x = torch.randn(2, 37, 32, requires_grad=True)
