@@ -15,6 +15,10 @@ residual stream is fp32 under autocast). Per token and layer, in bytes:
          + 2 e f              MLP hidden: ReLU out (the square's input), the square (proj input)
   S_sel  = S_none - e d - 2 e f   selective: the MLP's normalised input and hidden are recomputed
   R      = r d                full / offload: one fp32 block input per layer
+  A      = e (H + 2K) D + e H D + 4 H
+                              full / offload: what a recomputed block keeps for the whole sequence
+                              (its halves run in checkpointed token chunks): the attention's q, k,
+                              v, out and lse
   G      = 2 r d + 4 (H + 2K) D + e H D
                               one layer's backward in flight: residual gradients, fp32 dq / dk / dv,
                               the attention-out gradient
@@ -27,18 +31,24 @@ Device activation bytes per token, T tokens per device (micro_batch_size * seq_l
 
   none      L S_none + G + E
   selective L S_sel + (S_none - S_sel) + G + E      (+ the recomputed MLP of one layer)
-  full      L R + S_none + G + E                    (+ one recomputed block)
-  offload   R + S_none + G + E, and L R in pinned host memory
+  full      L R + A + G + E - r d                   (the embedding output is recomputed too)
+  offload   R + A + G + E - r d, and L R in pinned host memory
 
-plus the loss chunk, min(train.loss_chunk_tokens, T) * V * 8 (fp32 logits and softmax), and the
+plus the loss chunk, min(train.loss_chunk_tokens, T) * V * 8 (fp32 logits and softmax), for full
+and offload one recomputed token chunk, min(RECOMPUTE_CHUNK_TOKENS, T) * S_none, and the
 states: P parameters, 4 P weights + 4 P gradients (fp32) + optimizer (AdamW: 8 P; Muon: 4 P for the
 blocks' matrices, 8 P for the rest) + 2 P_mm bf16 copies of the matmul weights under autocast.
 Peak = (states + T * activations + loss chunk) * (1 + MARGIN) + RESERVE. ZeRO sharding is ignored
 (the estimate is high under ZeRO, never low from it).
 
-Checked against every peak recorded in benchmarks/RESULTS.md (configs/paper-162m.yaml, vocabulary
-50304, AdamW, H100s): the estimate is 1.01x-1.28x the measured peak (tests/test_memory.py lists
-them), and `full` at 1M tokens, which ran out of memory, is estimated at 113.8 GiB.
+Checked against the peaks recorded in benchmarks/RESULTS.md for `none` and `selective`
+(configs/paper-162m.yaml, vocabulary 50304, AdamW, H100s, blocks not compiled): the estimate is
+1.01x-1.28x the measured peak (tests/test_memory.py lists them). Compiled blocks (train.compile, the
+CUDA default) keep less: the estimate is 1.27x-1.42x their measured peaks, so `auto` errs towards
+more recompute. The `full` and `offload` terms describe the token-chunked recompute of the blocks'
+halves (2026-12-05), which no GPU has measured yet; the peaks measured before it (eager `offload`
+69.7 GiB at 1M tokens, compiled 37.9 GiB) held one whole block's intermediates (about 36 KB per
+token), which ran the 2M-token step out of memory on an 80 GB card.
 """
 from __future__ import annotations
 
@@ -50,6 +60,7 @@ MARGIN = 0.10  # allocator fragmentation, temporaries the model does not name
 RESERVE = 3 * 2**30  # bytes: CUDA context, NCCL and cuBLAS workspaces, allocator slack
 HOST_FRACTION = 0.5  # of host RAM: what CPU training, or offload's pinned inputs, may use
 GiB = 2**30
+RECOMPUTE_CHUNK_TOKENS = 1 << 16  # full / offload: tokens per recomputed chunk of a block's halves
 
 
 @dataclass(frozen=True)
@@ -60,7 +71,7 @@ class Estimate:
 
 
 def per_token_bytes(mcfg, bf16: bool) -> dict[str, float]:
-    """The docstring's S_none, S_sel, R, G, E (bytes per token; the first three per layer)."""
+    """The docstring's S_none, S_sel, R, A, G, E (bytes per token; the first four per layer)."""
     d, h = mcfg.d_model, mcfg.n_head
     k = mcfg.n_kv_head or h
     hd = mcfg.head_dim or d // h
@@ -69,6 +80,7 @@ def per_token_bytes(mcfg, bf16: bool) -> dict[str, float]:
     s_none = (2 * r * d + 2 * e * d + e * (h + k) * hd + e * (h + 2 * k) * hd + 2 * e * h * hd + 4 * h
               + 2 * e * f)
     return dict(S_none=s_none, S_sel=s_none - e * d - 2 * e * f, R=r * d,
+                A=e * (h + 2 * k) * hd + e * h * hd + 4 * h,
                 G=2 * r * d + 4 * (h + 2 * k) * hd + e * h * hd, E=3 * r * d + e * d + 4 * hd + 32)
 
 
@@ -97,17 +109,20 @@ def estimate_peak(cfg, vocab_size: int, bf16: bool, seq_len: int | None = None) 
     b = per_token_bytes(cfg.model, bf16)
     n_layer = cfg.model.n_layer
     around = b["G"] + b["E"]
+    recomputed = b["A"] + around - b["R"]  # full / offload: one block's keep, the embedding recomputed
     per_token = {
         "none": n_layer * b["S_none"] + around,
         "selective": n_layer * b["S_sel"] + (b["S_none"] - b["S_sel"]) + around,
-        "full": n_layer * b["R"] + b["S_none"] + around,
-        "offload": b["R"] + b["S_none"] + around,
+        "full": n_layer * b["R"] + recomputed,
+        "offload": b["R"] + recomputed,
     }
     fixed = state_bytes(cfg, vocab_size, bf16) + min(t.loss_chunk_tokens, tokens) * vocab_size * 8
+    chunk = min(RECOMPUTE_CHUNK_TOKENS, tokens) * b["S_none"]
     out = {}
     for mode in MODES:
         host = n_layer * b["R"] * tokens if mode == "offload" else 0.0
-        out[mode] = Estimate((fixed + tokens * per_token[mode]) * (1 + MARGIN) + RESERVE, host)
+        extra = chunk if mode in ("full", "offload") else 0.0
+        out[mode] = Estimate((fixed + extra + tokens * per_token[mode]) * (1 + MARGIN) + RESERVE, host)
     return out
 
 

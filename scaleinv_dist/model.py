@@ -119,7 +119,6 @@ class Attention(nn.Module):
 
 
 MAX_HIDDEN_ELEMENTS = 2**30  # MLP hidden activation per token chunk (elements)
-RECOMPUTE_CHUNK_TOKENS = 1 << 16  # full / offload: tokens per recomputed chunk of a block's halves
 
 
 def over_token_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
@@ -184,14 +183,14 @@ class Block(nn.Module):
 
     def _forward_in_checkpointed_chunks(self, x, rotary, positions, doc_ids, attend):
         """forward, with `pre` and `post` each run on token chunks of at most
-        RECOMPUTE_CHUNK_TOKENS tokens (all rows together) under activation checkpointing.
+        memory.RECOMPUTE_CHUNK_TOKENS tokens (all rows together) under activation checkpointing.
 
         For full / offload, whose recompute of a whole block otherwise keeps every intermediate of
         both halves for the whole sequence (about 36 KB per token at width 768: 70 GiB at 2M
         tokens). This way the block keeps its input and what the attention saves (q, k, v, out),
         and the backward holds one chunk's intermediates at a time; each half is computed once more
         (a few percent of a step at these lengths, where attention dominates)."""
-        step = max(1, RECOMPUTE_CHUNK_TOKENS // x.shape[0])
+        step = max(1, memory.RECOMPUTE_CHUNK_TOKENS // x.shape[0])
         spans = [(s, min(s + step, x.shape[1])) for s in range(0, x.shape[1], step)]
 
         def rotary_span(s, e):

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from scaleinv_dist.config import load_config
-import scaleinv_dist.model as model_mod
+from scaleinv_dist import memory
 from scaleinv_dist.model import build_model, compile_model, compile_wanted
 from tiny_runs import packed_batch
 
@@ -66,7 +66,7 @@ def fresh_dynamo():
 @pytest.mark.parametrize("mode", ["none", "selective", "full", "offload"])
 def test_compiled_equals_eager(mode, one_thread, monkeypatch):
     """full / offload run the compiled halves on token chunks of two sizes here (RECOMPUTE_CHUNK_TOKENS)."""
-    monkeypatch.setattr(model_mod, "RECOMPUTE_CHUNK_TOKENS", 2 * (N // 3 + 1))
+    monkeypatch.setattr(memory, "RECOMPUTE_CHUNK_TOKENS", 2 * (N // 3 + 1))
     torch.manual_seed(0)
     eager = loss_and_grads(build_model(small_cfg(f"train.activation_checkpointing={mode}")))
     torch.manual_seed(0)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from scaleinv_dist.config import load_config
 import scaleinv_dist.model as model_mod
+from scaleinv_dist import memory
 from scaleinv_dist.loss import chunked_cross_entropy
 from scaleinv_dist.model import apply_rotary, build_model, rotary_inv_freq, rotary_tables
 from tiny_runs import packed_batch
@@ -110,7 +111,7 @@ def test_model_loss_chunk_size_does_not_matter():
 def test_activation_checkpointing_gives_the_same_gradients(mode, monkeypatch):
     """fp32: the loss is bit-identical, gradients within rtol 1e-6. full / offload recompute each
     block's halves in token chunks, here 5 chunks of at most 5 tokens (B = 2 rows of 24)."""
-    monkeypatch.setattr(model_mod, "RECOMPUTE_CHUNK_TOKENS", 10)
+    monkeypatch.setattr(memory, "RECOMPUTE_CHUNK_TOKENS", 10)
     tokens, positions, doc_ids, labels = batch()
     results = {}
     for m in ("none", mode):
@@ -169,7 +170,7 @@ def test_recomputing_a_block_in_token_chunks_lowers_its_peak_memory(monkeypatch)
 
     peaks = {}
     for chunk in (n, n // 8):
-        monkeypatch.setattr(model_mod, "RECOMPUTE_CHUNK_TOKENS", chunk)
+        monkeypatch.setattr(memory, "RECOMPUTE_CHUNK_TOKENS", chunk)
         forward_backward()  # allocator and profiler warm-up
         peaks[chunk] = cpu_peak_bytes(forward_backward)
     assert peaks[n // 8] <= 0.8 * peaks[n], peaks
