@@ -118,20 +118,7 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(b, n, -1))
 
 
-MAX_HIDDEN_ELEMENTS = 2**30  # MLP hidden activation per token chunk (elements)
-
-
-def over_token_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                      width: int) -> torch.Tensor:
-    """fn(x) for x (B, N, ...) and a per-token fn, run on token chunks of x small enough that a
-    (B, chunk, width) intermediate has at most MAX_HIDDEN_ELEMENTS elements, then concatenated
-    along the tokens; fn(x) itself when x fits whole. (At 1M tokens an (N, 4 d_model) bf16 tensor
-    has more than 2^31 elements, past what some CUDA kernels index; it is also 6 GiB.)"""
-    b, n = x.shape[:2]
-    if b * n * width <= MAX_HIDDEN_ELEMENTS:
-        return fn(x)
-    step = max(1, MAX_HIDDEN_ELEMENTS // (b * width))
-    return torch.cat([fn(c) for c in x.split(step, dim=1)], 1)
+MAX_HIDDEN_ELEMENTS = 2**30  # MLP hidden activation per chunk (elements)
 
 
 class MLP(nn.Module):
@@ -142,8 +129,14 @@ class MLP(nn.Module):
         self.proj = nn.Linear(hidden, cfg.d_model, bias=False)
 
     def forward(self, x):
-        """x (B, N, d_model), in token chunks for long sequences (over_token_chunks)."""
-        return over_token_chunks(lambda c: self.proj(F.relu(self.fc(c)).square()), x, self.fc.out_features)
+        """x (B, N, d_model). Long sequences go through in token chunks so that the hidden
+        activation never exceeds MAX_HIDDEN_ELEMENTS (at 1M tokens a (N, 4 d_model) bf16 tensor has
+        more than 2^31 elements, past what some CUDA kernels index; it is also 6 GiB)."""
+        hidden = self.fc.out_features
+        if x.shape[0] * x.shape[1] * hidden <= MAX_HIDDEN_ELEMENTS:
+            return self.proj(F.relu(self.fc(x)).square())
+        step = max(1, MAX_HIDDEN_ELEMENTS // (x.shape[0] * hidden))
+        return torch.cat([self.proj(F.relu(self.fc(c)).square()) for c in x.split(step, dim=1)], 1)
 
 
 class Block(nn.Module):
@@ -185,8 +178,8 @@ class Block(nn.Module):
         """forward, with `pre` and `post` each run on token chunks of at most
         memory.RECOMPUTE_CHUNK_TOKENS tokens (all rows together) under activation checkpointing.
 
-        For full / offload, whose recompute of a whole block otherwise keeps every intermediate of
-        both halves for the whole sequence (about 36 KB per token at width 768: 70 GiB at 2M
+        Used by full / offload, whose recompute of a whole block would otherwise keep every
+        intermediate of both halves for the whole sequence (about 36 KB per token at width 768: 70 GiB at 2M
         tokens). This way the block keeps its input and what the attention saves (q, k, v, out),
         and the backward holds one chunk's intermediates at a time; each half is computed once more
         (a few percent of a step at these lengths, where attention dominates)."""
