@@ -38,8 +38,8 @@ plus the loss chunk, min(train.loss_chunk_tokens, T) * V * 8 (fp32 logits and so
 and offload one recomputed token chunk, min(RECOMPUTE_CHUNK_TOKENS, T) * S_none, and the
 states: P parameters, 4 P weights + 4 P gradients (fp32) + optimizer (AdamW: 8 P; Muon: 4 P for the
 blocks' matrices, 8 P for the rest) + 2 P_mm bf16 copies of the matmul weights under autocast.
-Peak = (states + T * activations + loss chunk) * (1 + MARGIN) + RESERVE. ZeRO sharding is ignored
-(the estimate is high under ZeRO, never low from it).
+Peak = (states + T * activations + loss chunk + recompute chunk) * (1 + MARGIN) + RESERVE. ZeRO
+sharding is ignored (the estimate is high under ZeRO, never low from it).
 
 Checked against the peaks recorded in benchmarks/RESULTS.md for `none` and `selective`
 (configs/paper-162m.yaml, vocabulary 50304, AdamW, H100s, blocks not compiled): the estimate is
@@ -48,7 +48,7 @@ CUDA default) keep less: the estimate is 1.27x-1.42x their measured peaks, so `a
 more recompute. The `full` and `offload` terms describe the token-chunked recompute of the blocks'
 halves (2026-12-05), which no GPU has measured yet; the peaks measured before it (eager `offload`
 69.7 GiB at 1M tokens, compiled 37.9 GiB) held one whole block's intermediates (about 36 KB per
-token), which ran the 2M-token step out of memory on an 80 GB card.
+token, measured on CPU), which ran the 2M-token step out of memory on an 80 GB card.
 """
 from __future__ import annotations
 

@@ -179,10 +179,11 @@ class Block(nn.Module):
         memory.RECOMPUTE_CHUNK_TOKENS tokens (all rows together) under activation checkpointing.
 
         Used by full / offload, whose recompute of a whole block would otherwise keep every
-        intermediate of both halves for the whole sequence (about 36 KB per token at width 768: 70 GiB at 2M
-        tokens). This way the block keeps its input and what the attention saves (q, k, v, out),
-        and the backward holds one chunk's intermediates at a time; each half is computed once more
-        (a few percent of a step at these lengths, where attention dominates)."""
+        intermediate of both halves for the whole sequence (about 36 KB per token at width 768,
+        measured on CPU: 70 GiB at 2M tokens). This way the block keeps its input and what the
+        attention saves (q, k, v, out), and the backward holds one chunk's intermediates at a time;
+        each half is computed once more (a few percent of a step at these lengths, where attention
+        dominates)."""
         step = max(1, memory.RECOMPUTE_CHUNK_TOKENS // x.shape[0])
         spans = [(s, min(s + step, x.shape[1])) for s in range(0, x.shape[1], step)]
 
