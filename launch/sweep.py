@@ -8,8 +8,8 @@
     python launch/sweep.py --publish runs/sweep-python --docs docs     # RESULTS.md section, reproduction.json
 
 A plan (YAML) holds the sweep's own settings: config, methods, seeds ({method: [seeds]}), steps,
-multiples, max_tokens, eval_batch_size, parallel, gpus, overrides and needle (launch/niah.py
-settings, see evaluate.sweep.NEEDLE_DEFAULTS); command-line flags override it. Before any job the
+multiples, max_tokens, eval_batch_size, parallel, gpus, overrides, time_limit and needle
+(launch/niah.py settings, see evaluate.sweep.NEEDLE_DEFAULTS); command-line flags override it. Before any job the
 data is prepared once (every job then finds it in the cache) and its manifest is written to
 <out>/data_manifest.json and into every run directory. Outputs are rewritten as each job finishes.
 
@@ -17,6 +17,9 @@ Methods (attention.transform, attention.position): si_p_rope (scale_invariant, p
 p_rope (none, p_rope), rope (none, rope), nope (none, nope), logn_p_rope (logn, p_rope),
 alibi (none, alibi). L is the config's train.seq_len. Extra key=value arguments are passed to every
 training run. Writes <out>/sweep.md, <out>/sweep.json and <out>/sweep_loss_vs_length.png.
+
+A sweep longer than one sitting runs in parts: `--time-limit 540` stops it (exit 75) with every
+unfinished training checkpointed, and the same command with `--skip-existing` continues it.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from pathlib import Path
 if __name__ == "__main__":  # a plain checkout: the repository root on sys.path
     import _bootstrap  # noqa: F401
 
-from scaleinv_dist.cli import ArgumentParser, run_cli  # noqa: E402
+from scaleinv_dist.cli import EXIT_PREEMPTED, ArgumentParser, run_cli  # noqa: E402
 from scaleinv_dist.evaluate.errors import EvalError  # noqa: E402
 
 
@@ -49,7 +52,11 @@ def parse_args(argv=None):
                    help="methods trained at once (default: number of --gpus, else 1)")
     p.add_argument("--gpus", default=None, help="GPU ids, e.g. 0,1,2,3: each job is pinned to one")
     p.add_argument("--skip-existing", action="store_true",
-                   help="don't retrain methods that already have a checkpoint under <out>/runs")
+                   help="continue a sweep in <out>: skip finished stages (training at its final step, "
+                        "eval.json, niah.json); unfinished training resumes from its checkpoint")
+    p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="stop the jobs still running this long after the start (training checkpoints "
+                        "first) and exit 75; rerun with --skip-existing to continue")
     p.add_argument("overrides", nargs="*", help="config overrides key=value for every training run")
     return p.parse_args(argv)
 
@@ -81,6 +88,9 @@ def run(args) -> int:
     steps = args.steps if args.steps is not None else plan.get("steps")
     if steps is not None and steps < 1:
         raise EvalError("--steps must be >= 1")
+    time_limit = args.time_limit if args.time_limit is not None else plan.get("time_limit")
+    if time_limit is not None and time_limit <= 0:
+        raise EvalError("--time-limit must be a positive number of seconds")
     # validates the config and the overrides now, before anything trains
     cfg = load_config(config, overrides + ([f"train.steps={steps}"] if steps else []))
     multiples = common.parse_float_list(args.multiples or ",".join(
@@ -99,7 +109,7 @@ def run(args) -> int:
           f"validation tokens ({manifest['train_docs']} / {manifest['val_docs']} documents), "
           f"prepared in {data_s:.0f}s")
     multiples = sweep.fit_multiples(multiples, cfg.train.seq_len, manifest)
-    jobs = sweep.build_jobs(methods, str(Path(config).resolve()), out, overrides, steps, multiples,
+    jobs = sweep.build_jobs(methods, str(Path(config).resolve()), out, overrides, cfg.train.steps, multiples,
                             max_tokens, eval_batch, seeds=plan.get("seeds"), needle=plan.get("needle"))
     print(f"sweep: {len(jobs)} jobs ({', '.join(j.name for j in jobs)}), L = {cfg.train.seq_len}, "
           f"{cfg.train.steps} steps each, {parallel} at a time"
@@ -124,10 +134,16 @@ def run(args) -> int:
             return sweep.write_outputs(summary, out, title)
 
     sweep.run_jobs(jobs, out / "logs", parallel=parallel, gpus=gpus, skip_existing=args.skip_existing,
-                   on_done=write)
+                   on_done=write, deadline=None if time_limit is None else t0 + time_limit)
     files = write()
     print(files["table"])
     print(f"wrote {files['md']}, {files['json']}, {files['png']} ({time.time() - t0:.0f}s in all)")
+    stopped = [j.name for j in jobs if j.status == "stopped"]
+    if stopped:
+        again = (command or "the same command") + ("" if args.skip_existing else " --skip-existing")
+        print(f"stopped at the time limit ({time_limit:g}s): {len(stopped)} of {len(jobs)} jobs unfinished "
+              f"({', '.join(stopped)}); continue with: {again}")
+        return EXIT_PREEMPTED
     failed = [j.name for j in jobs if j.status != "ok"]
     if failed:
         print(f"error: {len(failed)} method(s) failed: {', '.join(failed)} (logs in {out / 'logs'})",

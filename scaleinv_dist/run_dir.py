@@ -56,6 +56,12 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def step_of(folder: Path) -> int | None:
+    """The step of a checkpoint folder named step_XXXXXXXX, else None."""
+    m = TAG_RE.match(folder.name)
+    return int(m.group(1)) if m else None
+
+
 def published_steps(run_dir: str | Path) -> list[int]:
     """Steps of the checkpoint folders step_XXXXXXXX under <run_dir>/checkpoints, ascending."""
     ck = checkpoints_dir(run_dir)
@@ -179,8 +185,8 @@ def check_readable(folder: Path) -> str | None:
 
 def checkpoint_label(folder: Path) -> str:
     """"step 40" for checkpoints/step_00000040, else the folder's name."""
-    m = TAG_RE.match(folder.name)
-    return f"step {int(m.group(1))}" if m else str(folder.name or folder)
+    step = step_of(folder)
+    return f"step {step}" if step is not None else str(folder.name or folder)
 
 
 class CheckpointChoice(NamedTuple):

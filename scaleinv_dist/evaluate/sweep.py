@@ -12,6 +12,11 @@ CUDA_VISIBLE_DEVICES. Results are read back from each run's eval.json and niah.j
                                       needle grid) and a table; mean and spread over seeds per method
     <out>/sweep_loss_vs_length.png    loss against context length, one line per job
 A job is named after its method, or "<method>-seed<seed>" when the sweep runs several seeds.
+
+A sweep can span several runs of the same command: with a time limit, the jobs still running at
+the deadline get SIGTERM (training writes a checkpoint and exits 75; an evaluation or needle test
+is abandoned) and are marked "stopped"; a rerun with skip_existing skips every finished stage
+(`finished_stages`) and training resumes from its newest checkpoint.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from ..cli import EXIT_PREEMPTED
 from .errors import EvalError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,7 +75,8 @@ class Job:
     seed: int | None = None  # run.seed of this job (None: the config's)
     name: str = ""  # the method, or "<method>-seed<seed>"
     niah_cmd: list[str] | None = None  # the needle test, run after evaluation when set
-    status: str = "pending"  # pending | ok | train failed | eval failed | needle failed
+    status: str = "pending"  # pending | ok | stopped | train failed | eval failed | needle failed
+    steps: int | None = None  # train.steps of the run (None: unknown, a checkpoint counts as finished)
     train_s: float = 0.0
     eval_s: float = 0.0
     niah_s: float = 0.0
@@ -136,7 +143,7 @@ def build_jobs(methods: Sequence[str], config: str, out: Path, overrides: Sequen
             niah = None
             if needle is not None and (k == 0 or needle.get("seeds", "first") == "all"):
                 niah = needle_command(run_dir, needle)
-            jobs.append(Job(m, run_dir, train, ev, seed=seed, name=name, niah_cmd=niah))
+            jobs.append(Job(m, run_dir, train, ev, seed=seed, name=name, niah_cmd=niah, steps=steps))
     return jobs
 
 
@@ -146,14 +153,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(cmd: list[str], log_path: Path, env: dict) -> tuple[int, float]:
+# seconds a stage may take to exit after SIGTERM at the time limit (training writes a checkpoint)
+STOP_GRACE_S = 120.0
+
+
+def _run(cmd: list[str], log_path: Path, env: dict, deadline: float | None = None) -> tuple[int | None, float]:
+    """Run cmd with its output in log_path: (exit code, seconds). At `deadline` (time.time()) it gets
+    SIGTERM, then SIGKILL after STOP_GRACE_S; the exit code is then None (stopped)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with open(log_path, "w") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
-        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
-    return rc, time.time() - t0
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
+        while True:
+            try:
+                rc = proc.wait(timeout=None if deadline is None else max(0.0, deadline - time.time()))
+                return rc, time.time() - t0
+            except subprocess.TimeoutExpired:
+                break
+        proc.terminate()
+        try:
+            proc.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.write(f"\n[sweep] stopped at the time limit after {time.time() - t0:.0f}s\n")
+    return None, time.time() - t0
 
 
 def _tail(path: Path, n: int = 5) -> str:
@@ -163,8 +189,32 @@ def _tail(path: Path, n: int = 5) -> str:
         return ""
 
 
-def run_job(job: Job, logs: Path, gpu: str | None, skip_train: bool = False) -> Job:
-    """Train (unless skip_train) then evaluate one method; fills status and timings."""
+def _newer_than_checkpoint(path: Path, run_dir: Path) -> bool:
+    pointer = run_dir / "checkpoints" / "latest"
+    return path.is_file() and pointer.is_file() and path.stat().st_mtime >= pointer.stat().st_mtime
+
+
+def finished_stages(job: Job) -> set[str]:
+    """The stages of `job` a rerun can skip: "train" when the newest checkpoint is at the job's
+    train.steps (any checkpoint when that is unknown), "eval" / "niah" when eval.json / niah.json
+    were written after that checkpoint."""
+    from ..run_dir import latest_checkpoint, step_of
+
+    folder = latest_checkpoint(job.run_dir)
+    if folder is None or (job.steps is not None and (step_of(folder) or 0) < job.steps):
+        return set()
+    done = {"train"}
+    if _newer_than_checkpoint(job.run_dir / "eval.json", job.run_dir):
+        done.add("eval")
+        if _newer_than_checkpoint(job.run_dir / "niah.json", job.run_dir):
+            done.add("niah")
+    return done
+
+
+def run_job(job: Job, logs: Path, gpu: str | None, skip: set[str] = frozenset(),
+            deadline: float | None = None) -> Job:
+    """Train, evaluate and needle-test one job, leaving out the stages in `skip`; fills status and
+    timings. At `deadline` (time.time()) the running stage is stopped and no other starts."""
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
     env["MASTER_ADDR"], env["MASTER_PORT"] = "127.0.0.1", str(_free_port())  # parallel jobs don't collide
@@ -173,38 +223,43 @@ def run_job(job: Job, logs: Path, gpu: str | None, skip_train: bool = False) -> 
         env["CUDA_VISIBLE_DEVICES"] = gpu
         job.gpu = gpu
     job.log = {k: str(logs / f"{job.name}.{k}.log") for k in ("train", "eval", "niah")}
-    if not skip_train:
-        rc, job.train_s = _run(job.train_cmd, Path(job.log["train"]), env)
-        if rc != 0:
-            job.status = "train failed"
+    stages = [("train", job.train_cmd, "train_s", "train failed"), ("eval", job.eval_cmd, "eval_s", "eval failed"),
+              ("niah", job.niah_cmd, "niah_s", "needle failed")]
+    for stage, cmd, seconds, failed in stages:
+        if cmd is None or stage in skip:
+            continue
+        if deadline is not None and time.time() >= deadline:
+            job.status = "stopped"
             return job
-    rc, job.eval_s = _run(job.eval_cmd, Path(job.log["eval"]), env)
-    if rc != 0:
-        job.status = "eval failed"
-        return job
-    if job.niah_cmd:
-        rc, job.niah_s = _run(job.niah_cmd, Path(job.log["niah"]), env)
+        rc, took = _run(cmd, Path(job.log[stage]), env, deadline)
+        setattr(job, seconds, took)
+        if rc is None or (stage == "train" and rc == EXIT_PREEMPTED):
+            job.status = "stopped"
+            return job
         if rc != 0:
-            job.status = "needle failed"
+            job.status = failed
             return job
     job.status = "ok"
     return job
 
 
 def run_jobs(jobs: Sequence[Job], logs: Path, parallel: int = 1, gpus: Sequence[str] = (),
-             skip_existing: bool = False, progress: bool = True, on_done=None) -> list[Job]:
+             skip_existing: bool = False, progress: bool = True, on_done=None,
+             deadline: float | None = None) -> list[Job]:
     """Run the jobs, `parallel` at a time; each holds one GPU id from `gpus` while it runs.
-    on_done(job) is called (under a lock) as each job finishes, e.g. to write partial results."""
+    skip_existing: leave out each job's finished stages (finished_stages). deadline (time.time()):
+    stop what runs then (run_job). on_done(job) is called (under a lock) as each job finishes, e.g.
+    to write partial results."""
     pool_gpus: queue.Queue = queue.Queue()
     for g in gpus:
         pool_gpus.put(str(g))
     lock = threading.Lock()
 
     def work(job: Job) -> Job:
-        skip = skip_existing and (job.run_dir / "checkpoints" / "latest").is_file()
+        skip = finished_stages(job) if skip_existing else set()
         gpu = pool_gpus.get() if gpus else None
         try:
-            return run_job(job, logs, gpu, skip_train=skip)
+            return run_job(job, logs, gpu, skip=skip, deadline=deadline)
         finally:
             if gpu is not None:
                 pool_gpus.put(gpu)
@@ -222,7 +277,9 @@ def run_jobs(jobs: Sequence[Job], logs: Path, parallel: int = 1, gpus: Sequence[
                 msg = (f"{job.name}: {job.status} (train {job.train_s:.0f}s, eval {job.eval_s:.0f}s"
                        + (f", needle {job.niah_s:.0f}s" if job.niah_cmd else "")
                        + (f", GPU {job.gpu}" if job.gpu is not None else "") + ")")
-                if job.status != "ok":
+                if job.status == "stopped":
+                    msg += "\n  stopped at the time limit: a rerun with --skip-existing continues it"
+                elif job.status != "ok":
                     log = job.log[job.status.split()[0].replace("needle", "niah")]
                     msg += f"\n  see {log}:\n  " + _tail(Path(log)).replace("\n", "\n  ")
                 (bar.write if bar else print)(msg)
@@ -444,7 +501,7 @@ def load_plan(path: str) -> dict:
 
 
 PLAN_KEYS = ["config", "methods", "seeds", "steps", "multiples", "max_tokens", "eval_batch_size",
-             "parallel", "gpus", "overrides", "needle"]
+             "parallel", "gpus", "overrides", "needle", "time_limit"]
 
 
 def write_outputs(summary: dict, out: Path, title: str = "") -> dict:
