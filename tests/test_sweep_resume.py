@@ -119,3 +119,14 @@ def test_skip_existing_resumes_a_stopped_sweep_and_reruns_no_finished_stage(tmp_
     assert (runs / "a" / "checkpoints" / "latest").read_text().strip() == "step_00000004"
     assert (runs / "a" / "niah.json").is_file()
     assert not any((tmp_path / "logs2").glob("b.*.log"))
+
+
+def test_a_time_limit_that_is_not_positive_is_a_one_line_usage_error(tmp_path):
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "launch/sweep.py", "--config", "configs/tiny.yaml", "--out",
+                           str(tmp_path / "sw"), "--time-limit", "0"], cwd=root, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: --time-limit must be a positive number of seconds"], proc.stderr
+    assert not (tmp_path / "sw").exists()
