@@ -39,6 +39,7 @@ import datetime as dt
 import json
 import os
 import sys
+import traceback
 import time
 from pathlib import Path
 
@@ -408,6 +409,7 @@ def main() -> None:
             row.update(status="OOM", **oom_detail(err, device))
             print(f"{impl} {seq_len} {ckpt} compile={compiled}: out of memory: {row['oom']}", file=sys.stderr)
         except Exception as err:  # noqa: BLE001 - a failing row is reported; the others still run
+            traceback.print_exc()
             row["status"] = f"failed: {type(err).__name__}: {str(err)[:160]}"
             print(f"{impl} {seq_len} {ckpt} compile={compiled}: {row['status']}", file=sys.stderr)
         row["kernel"] = state.get("kernel", "")

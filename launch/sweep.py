@@ -121,6 +121,7 @@ def run(args) -> int:
     command = (" ".join(["python launch/sweep.py", *map(shlex.quote, sys.argv[1:])])
                if Path(sys.argv[0]).name == "sweep.py" else None)
     lock = threading.Lock()
+    earlier = sweep.earlier_parts(out) if args.skip_existing else None
 
     def write(done=None):
         with lock:
@@ -131,7 +132,7 @@ def run(args) -> int:
                            data_seconds=round(data_s, 1), seconds=round(time.time() - t0, 1),
                            device=device, command=command, parallel=parallel, torch=torch_version,
                            date=time.strftime("%Y-%m-%d", time.gmtime(t0)))
-            return sweep.write_outputs(summary, out, title)
+            return sweep.write_outputs(sweep.add_parts(summary, earlier), out, title)
 
     sweep.run_jobs(jobs, out / "logs", parallel=parallel, gpus=gpus, skip_existing=args.skip_existing,
                    on_done=write, deadline=None if time_limit is None else t0 + time_limit)

@@ -130,3 +130,24 @@ def test_a_time_limit_that_is_not_positive_is_a_one_line_usage_error(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: --time-limit must be a positive number of seconds"], proc.stderr
     assert not (tmp_path / "sw").exists()
+
+
+def test_a_sweep_in_parts_adds_up_its_times_and_keeps_every_command():
+    from scaleinv_dist.evaluate.publish import _parts_note
+
+    def summary(command, seconds, data_s, date, train_s, eval_s):
+        return {"command": command, "seconds": seconds, "data_seconds": data_s, "date": date,
+                "rows": [{"name": "nope", "train_s": train_s, "eval_s": eval_s, "niah_s": 0.0}]}
+
+    first = sweep.add_parts(summary("sweep A", 540.0, 100.0, "2026-12-05", 430.0, 0.0), None)
+    assert first["parts"] == [{"command": "sweep A", "seconds": 540.0, "data_seconds": 100.0,
+                               "date": "2026-12-05"}]
+    second = sweep.add_parts(summary("sweep A --skip-existing", 180.0, 20.0, "2026-12-06", 90.0, 30.0), first)
+    assert [p["command"] for p in second["parts"]] == ["sweep A", "sweep A --skip-existing"]
+    assert second["seconds"] == 720.0 and second["data_seconds"] == 120.0 and second["date"] == "2026-12-05"
+    assert second["rows"][0]["train_s"] == 520.0 and second["rows"][0]["eval_s"] == 30.0
+    assert _parts_note(second["parts"]) == " in 2 parts (9.0 + 3.0 min)" and _parts_note(first["parts"]) == ""
+    # a summary written before parts were recorded counts as the first part
+    legacy = {k: v for k, v in summary("old", 300.0, 60.0, "2026-12-01", 200.0, 10.0).items()}
+    third = sweep.add_parts(summary("old --skip-existing", 60.0, 5.0, "2026-12-02", 0.0, 5.0), legacy)
+    assert [p["seconds"] for p in third["parts"]] == [300.0, 60.0] and third["rows"][0]["eval_s"] == 15.0

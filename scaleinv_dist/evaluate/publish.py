@@ -40,6 +40,14 @@ def _load(sweep_dir: Path) -> tuple[dict, dict | None]:
     return summary, (json.loads(mpath.read_text()) if mpath.is_file() else None)
 
 
+def _parts_note(parts: list[dict]) -> str:
+    """" in 2 parts (9.0 + 3.1 min)" for a sweep run in parts (launch/sweep.py --time-limit), else ""."""
+    if len(parts) < 2:
+        return ""
+    minutes = " + ".join(f"{(p.get('seconds') or 0) / 60:.1f}" for p in parts)
+    return f" in {len(parts)} parts ({minutes} min)"
+
+
 def _fmt(x, spec=".3f") -> str:
     return "-" if x is None else format(x, spec)
 
@@ -86,6 +94,7 @@ def section(summary: dict, manifest: dict | None, figures: dict) -> str:
     L = summary["train_len"]
     mults = [mult_key(m) for m in summary["multiples"]]
     py = (manifest or {}).get("python_corpus") or {}
+    parts = summary.get("parts") or [{"command": summary.get("command"), "seconds": summary.get("seconds")}]
     lines = [SECTION_BEGIN, "",
              f"## Method sweep on the python corpus — {summary.get('device', '?')}, L = {L} (issue 17)", "",
              f"{summary.get('date', '?')}, torch {summary.get('torch', '?')}; one run per (method, seed), "
@@ -97,9 +106,10 @@ def section(summary: dict, manifest: dict | None, figures: dict) -> str:
              f"Each run trains {summary.get('steps')} steps, {_fmt(c['tokens_per_run'], ',')} tokens = "
              f"{_fmt(c['epochs_per_run'], '.3f')} epochs (no token seen twice); every length scores the same "
              f"held-out tokens ({', '.join(f'{t:,}' for t in c['eval_tokens_per_length']) or '-'} per length). "
-             f"Wall time {summary.get('seconds', 0) / 60:.1f} min, data preparation "
+             f"Wall time {summary.get('seconds', 0) / 60:.1f} min{_parts_note(parts)}, data preparation "
              f"{summary.get('data_seconds', 0):.0f} s.", "",
-             "```bash", summary.get("command") or f"python launch/sweep.py --plan {summary.get('plan')} --out OUT",
+             "```bash", *[p.get("command") or f"python launch/sweep.py --plan {summary.get('plan')} --out OUT"
+                          for p in parts],
              "```", "",
              "Loss (nats/token, mean ± sample std over seeds; one value when one seed):", ""]
     head = ["method", "seeds"] + [f"{m}x ({int(round(float(m) * L))})" for m in mults]

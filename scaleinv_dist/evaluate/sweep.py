@@ -325,6 +325,32 @@ def collect(jobs: Sequence[Job], train_len: int, multiples: Sequence[float]) -> 
     return {"train_len": train_len, "multiples": list(multiples), "lengths": lengths, "rows": rows}
 
 
+def earlier_parts(out: Path) -> dict | None:
+    """The summary an earlier part of this sweep left in <out>/sweep.json, or None."""
+    path = out / "sweep.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def add_parts(summary: dict, earlier: dict | None) -> dict:
+    """The summary of a sweep run in parts: `parts` lists each part's command and seconds;
+    `seconds`, `data_seconds` and each job's stage seconds add up over the parts."""
+    part = {k: summary.get(k) for k in ("command", "seconds", "data_seconds", "date")}
+    if not earlier:
+        return {**summary, "parts": [part]}
+    before = {r["name"]: r for r in earlier.get("rows", [])}
+    for row in summary["rows"]:
+        for key in ("train_s", "eval_s", "niah_s"):
+            row[key] = round(row[key] + (before.get(row["name"]) or {}).get(key, 0.0), 1)
+    parts = earlier.get("parts") or [{k: earlier.get(k) for k in part}]
+    parts = [*parts, part]
+    return {**summary, "parts": parts, "date": parts[0].get("date") or summary.get("date"),
+            "seconds": round(sum(p.get("seconds") or 0 for p in parts), 1),
+            "data_seconds": round(sum(p.get("data_seconds") or 0 for p in parts), 1)}
+
+
 def mult_key(m: float) -> str:
     """A length multiple as a JSON key: 1.0 -> "1", 0.5 -> "0.5"."""
     return f"{m:g}"
