@@ -344,7 +344,8 @@ def main() -> None:
     ap.add_argument("--memory-trace", action="store_true",
                     help="record the CUDA allocator's history in each measured row and write, to --out, "
                          "the allocations alive at its peak by line of code (memory_peak_*.txt; "
-                         "a diagnostic: recording slows the step)")
+                         "a diagnostic: recording slows the step, and a 2M-token step with it failed "
+                         "with a SystemError inside autograd that the step without it did not show)")
     ap.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")))
     ap.add_argument("--smoke", action="store_true",
                     help="a check that the script runs, in seconds, on CPU or GPU: a 2-layer model of "
