@@ -9,9 +9,10 @@
 
 A plan (YAML) holds the sweep's own settings: config, methods, seeds ({method: [seeds]}), steps,
 multiples, max_tokens, eval_batch_size, parallel, gpus, overrides, time_limit and needle
-(launch/niah.py settings, see evaluate.sweep.NEEDLE_DEFAULTS); command-line flags override it. Before any job the
-data is prepared once (every job then finds it in the cache) and its manifest is written to
-<out>/data_manifest.json and into every run directory. Outputs are rewritten as each job finishes.
+(launch/niah.py settings, see evaluate.sweep.NEEDLE_DEFAULTS); command-line flags override it.
+Before any job the data is prepared once (every job then finds it in the cache) and its manifest
+is written to <out>/data_manifest.json and into every run directory. Outputs are rewritten as each
+job finishes.
 
 Methods (attention.transform, attention.position): si_p_rope (scale_invariant, p_rope),
 p_rope (none, p_rope), rope (none, rope), nope (none, nope), logn_p_rope (logn, p_rope),
@@ -109,8 +110,9 @@ def run(args) -> int:
           f"validation tokens ({manifest['train_docs']} / {manifest['val_docs']} documents), "
           f"prepared in {data_s:.0f}s")
     multiples = sweep.fit_multiples(multiples, cfg.train.seq_len, manifest)
-    jobs = sweep.build_jobs(methods, str(Path(config).resolve()), out, overrides, cfg.train.steps, multiples,
-                            max_tokens, eval_batch, seeds=plan.get("seeds"), needle=plan.get("needle"))
+    jobs = sweep.build_jobs(methods, str(Path(config).resolve()), out, overrides, cfg.train.steps,
+                            multiples, max_tokens, eval_batch, seeds=plan.get("seeds"),
+                            needle=plan.get("needle"))
     print(f"sweep: {len(jobs)} jobs ({', '.join(j.name for j in jobs)}), L = {cfg.train.seq_len}, "
           f"{cfg.train.steps} steps each, {parallel} at a time"
           + (f" on GPUs {','.join(gpus)}" if gpus else ""))

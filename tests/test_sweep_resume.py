@@ -64,7 +64,8 @@ def test_time_limit_stops_training_with_a_checkpoint_and_starts_nothing_else(tmp
     sweep.run_jobs([j], tmp_path / "logs", progress=False, deadline=t0 + 2.0)
     assert j.status == "stopped"
     assert time.time() - t0 < 30  # stopped at the deadline, not after the stand-in's 60 s
-    assert (run / "started").is_file() and (run / "checkpoints" / "latest").read_text().strip() == "step_00000001"
+    assert (run / "started").is_file()
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000001"
     assert not (tmp_path / "logs" / "a.eval.log").exists()  # eval never started
     assert sweep.finished_stages(j) == set()  # step 1 of 4: training is not finished
 

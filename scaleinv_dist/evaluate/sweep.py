@@ -157,21 +157,22 @@ def _free_port() -> int:
 STOP_GRACE_S = 120.0
 
 
-def _run(cmd: list[str], log_path: Path, env: dict, deadline: float | None = None) -> tuple[int | None, float]:
-    """Run cmd with its output in log_path: (exit code, seconds). At `deadline` (time.time()) it gets
-    SIGTERM, then SIGKILL after STOP_GRACE_S; the exit code is then None (stopped)."""
+def _run(cmd: list[str], log_path: Path, env: dict,
+         deadline: float | None = None) -> tuple[int | None, float]:
+    """Run cmd with its output appended to log_path (a continued sweep keeps the earlier parts'
+    output): (exit code, seconds). At `deadline` (time.time()) it gets SIGTERM, then SIGKILL after
+    STOP_GRACE_S; the exit code is then None (stopped)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    with open(log_path, "w") as log:
+    with open(log_path, "a") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
-        while True:
-            try:
-                rc = proc.wait(timeout=None if deadline is None else max(0.0, deadline - time.time()))
-                return rc, time.time() - t0
-            except subprocess.TimeoutExpired:
-                break
+        try:
+            rc = proc.wait(timeout=None if deadline is None else max(0.0, deadline - time.time()))
+            return rc, time.time() - t0
+        except subprocess.TimeoutExpired:
+            pass
         proc.terminate()
         try:
             proc.wait(timeout=STOP_GRACE_S)
@@ -223,7 +224,8 @@ def run_job(job: Job, logs: Path, gpu: str | None, skip: set[str] = frozenset(),
         env["CUDA_VISIBLE_DEVICES"] = gpu
         job.gpu = gpu
     job.log = {k: str(logs / f"{job.name}.{k}.log") for k in ("train", "eval", "niah")}
-    stages = [("train", job.train_cmd, "train_s", "train failed"), ("eval", job.eval_cmd, "eval_s", "eval failed"),
+    stages = [("train", job.train_cmd, "train_s", "train failed"),
+              ("eval", job.eval_cmd, "eval_s", "eval failed"),
               ("niah", job.niah_cmd, "niah_s", "needle failed")]
     for stage, cmd, seconds, failed in stages:
         if cmd is None or stage in skip:
