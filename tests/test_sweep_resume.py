@@ -152,3 +152,25 @@ def test_a_sweep_in_parts_adds_up_its_times_and_keeps_every_command():
     legacy = {k: v for k, v in summary("old", 300.0, 60.0, "2026-12-01", 200.0, 10.0).items()}
     third = sweep.add_parts(summary("old --skip-existing", 60.0, 5.0, "2026-12-02", 0.0, 5.0), legacy)
     assert [p["seconds"] for p in third["parts"]] == [300.0, 60.0] and third["rows"][0]["eval_s"] == 15.0
+
+
+def test_the_smoke_plan_stopped_by_its_time_limit_finishes_when_continued(tmp_path):
+    """The real pipeline: part 1 stops at the time limit (exit 75), part 2 finishes every job."""
+    import json
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
+           "SCALEINV_CACHE": os.environ.get("SCALEINV_CACHE") or str(tmp_path / "cache"),
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    out = tmp_path / "sw"
+    cmd = [sys.executable, "launch/sweep.py", "--plan", "configs/sweeps/python-smoke.yaml", "--out", str(out),
+           "--methods", "si_p_rope", "--steps", "150", "--time-limit", "8"]
+    first = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 75, first.stdout[-2000:] + first.stderr[-2000:]
+    assert "stopped at the time limit" in first.stdout and "--skip-existing" in first.stdout
+    second = subprocess.run(cmd + ["--time-limit", "600", "--skip-existing"], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    summary = json.loads((out / "sweep.json").read_text())
+    assert [r["status"] for r in summary["rows"]] == ["ok", "ok"]
+    assert all(r["step"] == 150 for r in summary["rows"]) and len(summary["parts"]) == 2
