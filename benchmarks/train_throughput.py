@@ -39,8 +39,8 @@ import datetime as dt
 import json
 import os
 import sys
-import traceback
 import time
+import traceback
 from pathlib import Path
 
 import torch

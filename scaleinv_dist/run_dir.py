@@ -52,6 +52,11 @@ def checkpoints_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def latest_pointer(run_dir: str | Path) -> Path:
+    """<run_dir>/checkpoints/latest: the file naming the newest published checkpoint."""
+    return checkpoints_dir(run_dir) / "latest"
+
+
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -67,12 +72,12 @@ def published_steps(run_dir: str | Path) -> list[int]:
     ck = checkpoints_dir(run_dir)
     if not ck.is_dir():
         return []
-    return sorted(int(m.group(1)) for p in ck.iterdir() if p.is_dir() and (m := TAG_RE.match(p.name)))
+    return sorted(s for p in ck.iterdir() if p.is_dir() and (s := step_of(p)) is not None)
 
 
 def _latest_tag(run_dir: str | Path) -> str | None:
     """The folder name `checkpoints/latest` holds ("" when unreadable), or None without a pointer."""
-    pointer = checkpoints_dir(run_dir) / "latest"
+    pointer = latest_pointer(run_dir)
     if not pointer.is_file():
         return None
     name = pointer.read_text(errors="replace").strip()
@@ -216,9 +221,10 @@ def _candidates(run_dir: str | Path) -> tuple[list[Path], list[tuple[Path, str]]
     if tag is None:
         return [ck / tag_for(s) for s in steps], []
     if not tag:
-        return [ck / tag_for(s) for s in steps], [(ck / "latest", "the pointer file is unreadable")]
-    m = TAG_RE.match(tag)
-    older = [ck / tag_for(s) for s in steps if m and s < int(m.group(1))]
+        return [ck / tag_for(s) for s in steps], [(latest_pointer(run_dir),
+                                                    "the pointer file is unreadable")]
+    newest = step_of(Path(tag))
+    older = [ck / tag_for(s) for s in steps if newest is not None and s < newest]
     return [ck / tag] + older, []
 
 

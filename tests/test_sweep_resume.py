@@ -111,8 +111,7 @@ def test_skip_existing_resumes_a_stopped_sweep_and_reruns_no_finished_stage(tmp_
     # the continuation: "a" trains on to its last step, then is evaluated and needle-tested; "b"
     # is finished, and every one of its commands would fail if it ran
     resumed = job(stage, runs / "a")
-    done = job(stage, runs / "b")
-    sweep.run_jobs([done], tmp_path / "logs", progress=False)
+    sweep.run_jobs([job(stage, runs / "b")], tmp_path / "logs", progress=False)
     done = sweep.Job("si_p_rope", runs / "b", stage("fail"), stage("fail"), niah_cmd=stage("fail"),
                      steps=4, name="b")
     sweep.run_jobs([resumed, done], tmp_path / "logs2", progress=False, skip_existing=True)

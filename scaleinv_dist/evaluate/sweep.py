@@ -190,24 +190,25 @@ def _tail(path: Path, n: int = 5) -> str:
         return ""
 
 
-def _newer_than_checkpoint(path: Path, run_dir: Path) -> bool:
-    pointer = run_dir / "checkpoints" / "latest"
-    return path.is_file() and pointer.is_file() and path.stat().st_mtime >= pointer.stat().st_mtime
-
-
 def finished_stages(job: Job) -> set[str]:
     """The stages of `job` a rerun can skip: "train" when the newest checkpoint is at the job's
     train.steps (any checkpoint when that is unknown), "eval" / "niah" when eval.json / niah.json
     were written after that checkpoint."""
-    from ..run_dir import latest_checkpoint, step_of
+    from ..run_dir import latest_checkpoint, latest_pointer, step_of
 
     folder = latest_checkpoint(job.run_dir)
     if folder is None or (job.steps is not None and (step_of(folder) or 0) < job.steps):
         return set()
+    checkpointed_at = latest_pointer(job.run_dir).stat().st_mtime
+
+    def written_since(name: str) -> bool:
+        path = job.run_dir / name
+        return path.is_file() and path.stat().st_mtime >= checkpointed_at
+
     done = {"train"}
-    if _newer_than_checkpoint(job.run_dir / "eval.json", job.run_dir):
+    if written_since("eval.json"):
         done.add("eval")
-        if _newer_than_checkpoint(job.run_dir / "niah.json", job.run_dir):
+        if written_since("niah.json"):
             done.add("niah")
     return done
 

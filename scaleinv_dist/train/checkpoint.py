@@ -42,7 +42,7 @@ import torch
 from safetensors.numpy import load_file as np_load_file
 from safetensors.numpy import save_file as np_save_file
 
-from ..run_dir import (TRAINER_STATE, checkpoints_dir, latest_checkpoint,
+from ..run_dir import (TRAINER_STATE, checkpoints_dir, latest_checkpoint, latest_pointer,
                        newest_intact_checkpoint, published_steps, save_weights, tag_for, write_manifest)
 from . import faults
 
@@ -201,7 +201,7 @@ def set_rng_state(state: dict) -> None:
 
 # ----------------------------------------------------------------------------- listing / pruning
 def write_latest(run_dir: str | Path, tag: str) -> None:
-    _write_atomic(checkpoints_dir(run_dir) / "latest", tag + "\n")
+    _write_atomic(latest_pointer(run_dir), tag + "\n")
 
 
 def prune(run_dir: str | Path, keep: int) -> list[Path]:
