@@ -130,10 +130,15 @@ def make_batch(batch: int, seq_len: int, vocab: int, device: torch.device, cp=No
     return tokens, positions, labels
 
 
-def train_step(model, opt, tokens, positions, labels) -> None:
+def train_step(model, opt, tokens, positions, labels, progress=None) -> None:
+    """One optimizer step; progress(phase), if given, is called after the forward and the backward."""
     with torch.autocast(tokens.device.type, dtype=torch.bfloat16):
         loss_sum, n = model(tokens, positions, labels=labels)
+    if progress:
+        progress("forward")
     (loss_sum / n).backward()
+    if progress:
+        progress("backward")
     opt.step()
     opt.zero_grad(set_to_none=True)
 
@@ -143,16 +148,25 @@ def step_time(model, opt, batch: int, seq_len: int, vocab: int, repeats: int, de
     """(median seconds per training step, peak GiB (NaN on CPU)) for batch sequences of seq_len.
 
     The first step (compilation, autotuning) is not timed unless repeats is 0: then the one step
-    taken is the figure (the longest-sequence probe, where a step can take minutes).
+    taken is the figure (the longest-sequence probe, where a step can take minutes), and the time
+    and peak memory at the end of its forward and backward are printed to stderr as it goes.
     """
     tokens, positions, labels = make_batch(batch, seq_len, vocab, device, cp)
     times = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+
+    def progress(phase: str) -> None:
+        sync(device)
+        peak = (f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda"
+                else "")
+        print(f"  {seq_len} tokens: {phase} done at {time.perf_counter() - t0:.1f} s{peak}",
+              file=sys.stderr, flush=True)
+
     for i in range(repeats + 1):
         sync(device)
         t0 = time.perf_counter()
-        train_step(model, opt, tokens, positions, labels)
+        train_step(model, opt, tokens, positions, labels, None if repeats else progress)
         sync(device)
         if i or not repeats:  # the first step compiles / autotunes
             times.append(time.perf_counter() - t0)
