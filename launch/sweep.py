@@ -46,8 +46,12 @@ def parse_args(argv=None):
     p.add_argument("--methods", default=None, help="comma-separated subset of: "
                    "si_p_rope,p_rope,rope,nope,logn_p_rope,alibi (default all)")
     p.add_argument("--steps", type=int, default=None, help="train.steps for every method")
-    p.add_argument("--multiples", default=None, help="evaluation lengths as multiples of L (default 1,4,16)")
-    p.add_argument("--max-tokens", type=int, default=None, help="validation tokens per length (eval)")
+    p.add_argument("--multiples", default=None,
+                   help="evaluation lengths as multiples of L (default: the plan's, else the config's "
+                        "eval.length_multiples)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="validation tokens per length (default: the plan's, else the config's "
+                        "eval.max_tokens)")
     p.add_argument("--eval-batch-size", type=int, default=None)
     p.add_argument("--parallel", type=int, default=None,
                    help="methods trained at once (default: number of --gpus, else 1)")
@@ -95,7 +99,7 @@ def run(args) -> int:
     # validates the config and the overrides now, before anything trains
     cfg = load_config(config, overrides + ([f"train.steps={steps}"] if steps else []))
     multiples = common.parse_float_list(args.multiples or ",".join(
-        f"{x:g}" for x in plan.get("multiples", [1, 4, 16])), "--multiples")
+        f"{x:g}" for x in plan.get("multiples", cfg.eval.length_multiples)), "--multiples")
     gpus_text = args.gpus if args.gpus is not None else ",".join(str(g) for g in plan.get("gpus", []))
     gpus = [g.strip() for g in gpus_text.split(",") if g.strip()]
     parallel = args.parallel or plan.get("parallel") or max(1, len(gpus))
