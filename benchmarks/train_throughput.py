@@ -26,7 +26,9 @@ memory) or would exceed --max-step-seconds.
 The split: after the timed steps one more step runs under torch.profiler with the attention call
 wrapped in ranges (its forward directly; its backward between two identity autograd markers), so
 attention forward + backward vs the rest comes out of the profile whatever the kernels are called.
-The top kernels by self time of each profiled step go to --out/top_kernels_<impl>_<len>_<ckpt>_<compiled|eager>.txt.
+The top kernels by self time of each profiled step go to --out/top_kernels_<impl>_<len>_<ckpt>_<compiled|eager>.txt
+(on CUDA followed by the top host-side ops); the split also gives the step's idle GPU time and the
+graphs torch.compile built during it.
 The kernel column names the attention backend each row's model ran (for `ours`, what the config's
 backend resolved to: a fallback from `hopper` to `triton` shows, and is printed when the first
 attention call starts); --probe-impl ours-hopper makes the --longest probes fail instead.
@@ -283,11 +285,15 @@ def profile_step(model, opt, batch: int, seq_len: int, vocab: int, device: torch
     """One profiled training step (after the timed ones): milliseconds of attention forward and
     backward (inside the marker ranges) and of everything else. On CUDA these are GPU kernel times
     (`busy_ms` in all, `idle_ms` the step's wall time with no kernel running); on CPU, CPU time.
-    Writes the top kernels (ops on CPU) by self time to top_file."""
+    `graphs_compiled`: graphs torch.compile built during this step (a recompile stalls the GPU).
+    Writes the top kernels (ops on CPU) by self time to top_file, and on CUDA the top host-side
+    ops too, which show what the CPU did while the GPU idled."""
+    from torch._dynamo.utils import counters
     from torch.profiler import ProfilerActivity, profile
 
     tokens, positions, labels = make_batch(batch, seq_len, vocab, device, cp)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    graphs_before = counters["stats"]["unique_graphs"]
     state["on"] = True
     try:
         sync(device)
@@ -300,14 +306,20 @@ def profile_step(model, opt, batch: int, seq_len: int, vocab: int, device: torch
     finally:
         state["on"] = False
         state.pop("handle", None)
+    graphs = counters["stats"]["unique_graphs"] - graphs_before
     fwd, bwd, busy = split_times(prof.events(), device)
+    idle_ms = max(0.0, wall * 1e3 - busy / 1e3)
     if top_file is not None:
-        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        sorts = ["self_cuda_time_total", "self_cpu_time_total"] if device.type == "cuda" else ["self_cpu_time_total"]
         top_file.parent.mkdir(parents=True, exist_ok=True)
-        top_file.write_text(prof.key_averages().table(sort_by=sort, row_limit=40,
-                                                      max_name_column_width=100) + "\n")
+        top_file.write_text("\n".join(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=100)
+                                      for sort in sorts) + "\n")
+    if device.type == "cuda" and idle_ms > 0.1 * wall * 1e3:
+        print(f"profiled step: the GPU idled {idle_ms:.0f} ms of {wall * 1e3:.0f}; torch.compile built "
+              f"{graphs} graph(s) during it" + (f"; host-side ops in {top_file}" if top_file else ""),
+              file=sys.stderr, flush=True)
     return dict(prof_wall_ms=wall * 1e3, busy_ms=busy / 1e3, attn_fwd_ms=fwd / 1e3, attn_bwd_ms=bwd / 1e3,
-                rest_ms=(busy - fwd - bwd) / 1e3, idle_ms=max(0.0, wall * 1e3 - busy / 1e3))
+                rest_ms=(busy - fwd - bwd) / 1e3, idle_ms=idle_ms, graphs_compiled=graphs)
 
 
 def cp_setup(strategy: str, ulysses_degree: int):
@@ -482,14 +494,16 @@ def report(rows, args, peak, device: torch.device, out: Path | None) -> None:
     if prof:
         unit = "GPU kernel time" if device.type == "cuda" else "CPU time"
         split = [f"\nStep split from one profiled step ({unit}, ms; attention = forward + backward "
-                 f"of the attention call, checkpoint recomputes included; idle = wall - kernels):\n",
+                 f"of the attention call, checkpoint recomputes included; idle = wall - kernels; "
+                 f"graphs compiled = by torch.compile during that step):\n",
                  "| impl | seq_len | ckpt | compile | wall | kernels | attn fwd | attn bwd | rest | "
-                 "attn share | idle |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                 "attn share | idle | graphs compiled |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in prof:
             share = (r["attn_fwd_ms"] + r["attn_bwd_ms"]) / r["busy_ms"] if r["busy_ms"] > 0 else float("nan")
             split.append(f"| {r['impl']} | {r['seq_len']} | {r['ckpt']} | {'on' if r['compile'] else 'off'} | "
                          f"{r['prof_wall_ms']:.1f} | {r['busy_ms']:.1f} | {r['attn_fwd_ms']:.1f} | "
-                         f"{r['attn_bwd_ms']:.1f} | {r['rest_ms']:.1f} | {100 * share:.0f}% | {r['idle_ms']:.1f} |")
+                         f"{r['attn_bwd_ms']:.1f} | {r['rest_ms']:.1f} | {100 * share:.0f}% | {r['idle_ms']:.1f} | "
+                         f"{r.get('graphs_compiled', '')} |")
         table += "\n" + "\n".join(split)
     print(table)
     if device.type == "cuda":

@@ -31,11 +31,13 @@ def test_train_throughput_smoke(tmp_path, train_env):
         assert row["kernel"] == ("sdpa-cudnn" if row["impl"] == "sdpa-rope" else "reference"), row
         assert row["attn_fwd_ms"] > 0 and row["attn_bwd_ms"] > 0 and row["rest_ms"] > 0, row
         assert row["attn_fwd_ms"] + row["attn_bwd_ms"] < row["busy_ms"], row
+        assert row["graphs_compiled"] == 0, row  # the profiled step reuses the timed steps' graphs
         mode = "compiled" if row["compile"] else "eager"
         name = f"top_kernels_{row['impl']}_{row['seq_len']}_{row['ckpt']}_{mode}.txt"
         assert "Self CPU" in (out / name).read_text()
     report = (out / "RESULTS.md").read_text()
     assert "## train_throughput" in report and "attn bwd" in report and "--smoke" in report
+    assert "| idle | graphs compiled |" in report
     assert "| ours | reference |" in report and "attention runs on: reference" in r.stderr
 
 
