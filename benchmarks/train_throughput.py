@@ -26,6 +26,7 @@ memory) or would exceed --max-step-seconds.
 The split: after the timed steps one more step runs under torch.profiler with the attention call
 wrapped in ranges (its forward directly; its backward between two identity autograd markers), so
 attention forward + backward vs the rest comes out of the profile whatever the kernels are called.
+--out also gets step_split.png: the split as one stacked bar per profiled row, with its MFU.
 The top kernels by self time of each profiled step go to --out/top_kernels_<impl>_<len>_<ckpt>_<compiled|eager>.txt
 (on CUDA followed by the top host-side ops); the split also gives the step's idle GPU time and the
 graphs torch.compile built during it.
@@ -521,6 +522,44 @@ def report(rows, args, peak, device: torch.device, out: Path | None) -> None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_throughput.md").write_text(header + table + "\n")
         (out / "train_throughput.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if prof:
+            plot_step_split(prof, f"{card} x{rows[0]['gpus']}, {dt.date.today()}", out / "step_split.png")
+
+
+SEGMENTS = (("attn_fwd_ms", "attention forward"), ("attn_bwd_ms", "attention backward"),
+            ("rest_ms", "rest (matmuls, norms, loss, optimizer)"), ("idle_ms", "idle (no kernel running)"))
+
+
+def plot_step_split(rows: list[dict], title: str, path: Path) -> Path:
+    """One stacked bar per profiled row: its step split (ms), and the row's MFU at the bar's end."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def tokens(n: int) -> str:
+        return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+    labels = [f"{r['impl']} {tokens(r['seq_len'])} {r['ckpt']} {'compiled' if r['compile'] else 'eager'}"
+              for r in rows]
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 2.2))
+    left = [0.0] * len(rows)
+    for key, name in SEGMENTS:
+        width = [r[key] for r in rows]
+        ax.barh(range(len(rows)), width, left=left, label=name)
+        left = [a + b for a, b in zip(left, width)]
+    for i, r in enumerate(rows):
+        if r.get("mfu") == r.get("mfu"):  # not NaN (no MFU on CPU)
+            ax.text(left[i], i, f"  {100 * r['mfu']:.1f}% MFU", va="center", fontsize=8)
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per step (one profiled step)")
+    ax.set_title(f"where the step time goes: {title}", fontsize=10)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.6 / (len(rows) + 4)), ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ def test_train_throughput_smoke(tmp_path, train_env):
     report = (out / "RESULTS.md").read_text()
     assert "## train_throughput" in report and "attn bwd" in report and "--smoke" in report
     assert "| idle | graphs compiled |" in report
+    assert (out / "step_split.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| ours | reference |" in report and "attention runs on: reference" in r.stderr
 
 
