@@ -16,7 +16,8 @@ head dim: relative error ||x - ref|| / ||ref|| <= 1e-2 for out, dq, dk, dv.
 
 The table (with ratios ours-si / flex-si, ours-si / ours-off, ours-si / cuDNN) is printed, appended
 with date, card, versions and the command line to benchmarks/RESULTS.md (or --out), and written to
-$OUT/attention.md when the environment variable OUT is set. --sweep instead times a few tile
+$OUT/attention.md when the environment variable OUT is set; --plot (default $OUT/attention.png
+when OUT is set) draws the TFLOP/s as bars. --sweep instead times a few tile
 configurations (--fwd-configs, --bwd-configs) and Taylor degrees (--degrees) of our kernels alone
 (written to $OUT/attention_sweep.md).
 """
@@ -272,6 +273,41 @@ def timing_table(results, ns, dims):
                            "is better for ours):", ""] + ratios
 
 
+def plot_timing(results, ns, dims, title: str, path: Path) -> Path:
+    """TFLOP/s of each timed implementation as grouped bars per N: a row of panels per head dim,
+    forward left, backward right; our scale-invariant kernels hatched."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [m for m in IMPLS if any(results.get((d, n, m)) for d in dims for n in ns)]
+    fig, axes = plt.subplots(len(dims), 2, figsize=(11, 3.4 * len(dims)), squeeze=False)
+    width = 0.8 / max(1, len(names))
+    for row, d in zip(axes, dims):
+        for i, (ax, direction) in enumerate(zip(row, ("forward", "backward"))):
+            for j, name in enumerate(names):
+                tflops = []
+                for n in ns:
+                    r = results.get((d, n, name))
+                    b, h = shape_for(n)
+                    tflops.append((1.0 if i == 0 else 2.5) * fwd_flops(b, h, n, d) / r[i] / 1e9 if r else 0.0)
+                ax.bar([x + j * width for x in range(len(ns))], tflops, width, label=name,
+                       color=plt.get_cmap("tab20")(IMPLS.index(name) / 20),  # same colour in every plot
+                       hatch="//" if name in SI_IMPLS else None, edgecolor="black", linewidth=0.3)
+            ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(ns))],
+                          [f"{n // 1024}k" for n in ns])
+            ax.set_xlabel("sequence length N")
+            ax.set_ylabel("TFLOP/s")
+            ax.set_title(f"D = {d}, {direction}", fontsize=10)
+    axes[0][1].legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle(f"causal attention, bf16 (hatched: scale-invariant): {title}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 # ----------------------------------------------------------------------------- sweep
 SWEEP = {  # tried after the module's defaults; --fwd-configs / --bwd-configs replace them
     "fwd": [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
@@ -371,6 +407,9 @@ def main(argv=None):
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"),
                     help="markdown file the results are appended to")
     ap.add_argument("--no-check", action="store_true", help="skip the float64 correctness check")
+    ap.add_argument("--plot", default=None, metavar="PNG",
+                    help="also draw the TFLOP/s as bars per N and D (default: $OUT/attention.png when "
+                         "$OUT is set, else none)")
     ap.add_argument("--sweep", action="store_true",
                     help="time tile configs / Taylor degrees of our kernels at the first N, each D")
     ap.add_argument("--fwd-configs", default=None,
@@ -423,6 +462,10 @@ def main(argv=None):
     append_results(Path(args.out), text)
     if out_dir:
         Path(out_dir, "attention.md").write_text(text)
+    plot = args.plot or (str(Path(out_dir, "attention.png")) if out_dir else None)
+    if plot:
+        card = f"{torch.cuda.get_device_name()}, {datetime.date.today()}"
+        print(f"wrote {plot_timing(results, ns, dims, card, Path(plot))}")
     return 0 if ok else 1
 
 

@@ -37,3 +37,13 @@ def test_ratio_table_takes_the_fastest_si_and_plain_kernel_per_direction():
     # 4.5 / 5.0 backward), flex-si (not run) and cuDNN (1.5 / 1.8, 4.8 / 5.0)
     assert ratio == ["128", "16384", "ours-si / hopper-si", "sdpa-cudnn / fa4", "0.83", "0.90",
                      "n/a", "n/a", "0.83", "0.96"]
+
+
+def test_plot_draws_every_timed_implementation(tmp_path):
+    """The TFLOP/s plot: one PNG with a panel per (D, direction); an untimed or failed
+    implementation leaves a gap, not an error."""
+    results = {(d, n, m): (1.0 + i, 2.0 + i) for d in (64, 128) for n in (4096, 16384)
+               for i, m in enumerate(("hopper-si", "fa4", "sdpa-cudnn"))}
+    results[(64, 4096, "fa4")] = None
+    path = bench.plot_timing(results, [4096, 16384], [64, 128], "test", tmp_path / "a.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
