@@ -275,7 +275,7 @@ def timing_table(results, ns, dims):
 
 def plot_timing(results, ns, dims, title: str, path: Path) -> Path:
     """TFLOP/s of each timed implementation as grouped bars per N: a row of panels per head dim,
-    forward left, backward right; our scale-invariant kernels hatched."""
+    forward left, backward right; the scale-invariant ones (ours and the score_mod routes) hatched."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -294,7 +294,7 @@ def plot_timing(results, ns, dims, title: str, path: Path) -> Path:
                     tflops.append((1.0 if i == 0 else 2.5) * fwd_flops(b, h, n, d) / r[i] / 1e9 if r else 0.0)
                 ax.bar([x + j * width for x in range(len(ns))], tflops, width, label=name,
                        color=plt.get_cmap("tab20")(IMPLS.index(name) / 20),  # same colour in every plot
-                       hatch="//" if name in SI_IMPLS else None, edgecolor="black", linewidth=0.3)
+                       hatch="//" if name.endswith("-si") else None, edgecolor="black", linewidth=0.3)
             ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(ns))],
                           [f"{n // 1024}k" for n in ns])
             ax.set_xlabel("sequence length N")
