@@ -58,6 +58,12 @@ def fwd_flops(b, h, n, d):
     return 4.0 * b * h * n * n * d / 2.0
 
 
+def tflops(flops: float, ms: float, backward: bool = False) -> float:
+    """TFLOP/s of a pass that took ms, given the forward's FLOP count (fwd_flops); the backward
+    counts 2.5x the forward's FLOPs."""
+    return (2.5 if backward else 1.0) * flops / ms / 1e9
+
+
 # ----------------------------------------------------------------------------- implementations
 def flex_fns(n, device, fa4: bool):
     """FlexAttention (Triton lowering) plain and with the transform; with fa4 also its FLASH
@@ -255,7 +261,7 @@ def timing_table(results, ns, dims):
                     continue
                 f_ms, b_ms = r
                 lines.append(f"| {d} | {n} ({b}x{h}) | {name} | {f_ms:.3f} | {b_ms:.3f} | "
-                             f"{flops / f_ms / 1e9:.0f} | {2.5 * flops / b_ms / 1e9:.0f} |")
+                             f"{tflops(flops, f_ms):.0f} | {tflops(flops, b_ms, backward=True):.0f} |")
             si = [fastest(results, d, n, SI_IMPLS, i) for i in (0, 1)]
             plain = [fastest(results, d, n, PLAIN_IMPLS, i) for i in (0, 1)]
 
@@ -276,10 +282,7 @@ def timing_table(results, ns, dims):
 def plot_timing(results, ns, dims, title: str, path: Path) -> Path:
     """TFLOP/s of each timed implementation as grouped bars per N: a row of panels per head dim,
     forward left, backward right; the scale-invariant ones (ours and the score_mod routes) hatched."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from scaleinv_dist.evaluate.plots import plt  # matplotlib, set up for files (Agg)
 
     names = [m for m in IMPLS if any(results.get((d, n, m)) for d in dims for n in ns)]
     fig, axes = plt.subplots(len(dims), 2, figsize=(11, 3.4 * len(dims)), squeeze=False)
@@ -287,12 +290,12 @@ def plot_timing(results, ns, dims, title: str, path: Path) -> Path:
     for row, d in zip(axes, dims):
         for i, (ax, direction) in enumerate(zip(row, ("forward", "backward"))):
             for j, name in enumerate(names):
-                tflops = []
+                speed = []
                 for n in ns:
                     r = results.get((d, n, name))
                     b, h = shape_for(n)
-                    tflops.append((1.0 if i == 0 else 2.5) * fwd_flops(b, h, n, d) / r[i] / 1e9 if r else 0.0)
-                ax.bar([x + j * width for x in range(len(ns))], tflops, width, label=name,
+                    speed.append(tflops(fwd_flops(b, h, n, d), r[i], backward=i == 1) if r else 0.0)
+                ax.bar([x + j * width for x in range(len(ns))], speed, width, label=name,
                        color=plt.get_cmap("tab20")(IMPLS.index(name) / 20),  # same colour in every plot
                        hatch="//" if name.endswith("-si") else None, edgecolor="black", linewidth=0.3)
             ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(ns))],
@@ -348,11 +351,11 @@ def run_sweep(n, d, device, rep, fwd_cfgs, bwd_cfgs, degrees):
                 if which in ("fwd", "both"):
                     t_f = do_bench(lambda: flash_si.forward(q, k, v, pos, pos, **opts), rep=rep,
                                    return_mode="median")
-                    cells.append(f"fwd {flops / t_f / 1e9:.0f}")
+                    cells.append(f"fwd {tflops(flops, t_f):.0f}")
                 if which in ("bwd", "both"):
                     t_b = do_bench(lambda: flash_si.backward(do, q, k, v, out, lse, pos, pos,
                                                              **opts), rep=rep, return_mode="median")
-                    cells.append(f"bwd {2.5 * flops / t_b / 1e9:.0f}")
+                    cells.append(f"bwd {tflops(flops, t_b, backward=True):.0f}")
                 cell = ", ".join(cells)
             except Exception as err:
                 cell = f"failed: {type(err).__name__} {str(err)[:80]}"

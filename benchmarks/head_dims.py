@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
-from attention import TAU, append_results, fwd_flops, results_header, shape_for  # noqa: E402
+from attention import TAU, append_results, fwd_flops, results_header, shape_for, tflops  # noqa: E402
 
 from scaleinv_dist.kernels import flash_si  # noqa: E402
 
@@ -58,8 +58,8 @@ def table(n: int, times: dict[int, tuple[float, float]]) -> list[str]:
         base = times.get(bd)
         vs = "-" if base is None or bd == d else f"{t_f / base[0]:.2f} / {t_b / base[1]:.2f}"
         lines.append(f"| {d} | {bd} | {d / bd:.2f} | {t_f:.3f} | {t_b:.3f} | "
-                     f"{f_real / t_f / 1e9:.0f} / {f_pad / t_f / 1e9:.0f} | "
-                     f"{2.5 * f_real / t_b / 1e9:.0f} / {2.5 * f_pad / t_b / 1e9:.0f} | {vs} |")
+                     f"{tflops(f_real, t_f):.0f} / {tflops(f_pad, t_f):.0f} | "
+                     f"{tflops(f_real, t_b, backward=True):.0f} / {tflops(f_pad, t_b, backward=True):.0f} | {vs} |")
     return lines
 
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from attention import (TAU, append_results, check_case, fwd_flops, guarded,  # noqa: E402
-                       results_header, shape_for)
+                       results_header, shape_for, tflops)
 from scaleinv_dist.kernels import flash_si_hopper as hopper  # noqa: E402
 
 
@@ -116,8 +116,8 @@ def main(argv=None):
                     continue
                 t_f, t_b = times
                 lines.append(
-                    f"| {d} | {n} ({b}x{h}) | {name} | {flops / t_f / 1e9:.0f} | "
-                    f"{2.5 * flops / t_b / 1e9:.0f} | {plain[0] / t_f:.3f} | {plain[1] / t_b:.3f} | "
+                    f"| {d} | {n} ({b}x{h}) | {name} | {tflops(flops, t_f):.0f} | "
+                    f"{tflops(flops, t_b, backward=True):.0f} | {plain[0] / t_f:.3f} | {plain[1] / t_b:.3f} | "
                     f"{(t_f - plain[0]) * 1e9 / elems:.3f} | {(t_b - plain[1]) * 1e9 / elems:.3f} |")
                 print(lines[-1], flush=True)
     text = results_header(argv) + "\nHopper transform variants (benchmarks/hopper_variants.py)\n\n" \

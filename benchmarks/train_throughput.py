@@ -532,10 +532,7 @@ SEGMENTS = (("attn_fwd_ms", "attention forward"), ("attn_bwd_ms", "attention bac
 
 def plot_step_split(rows: list[dict], title: str, path: Path) -> Path:
     """One stacked bar per profiled row: its step split (ms), and the row's MFU at the bar's end."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from scaleinv_dist.evaluate.plots import plt  # matplotlib, set up for files (Agg)
 
     def tokens(n: int) -> str:
         return f"{n // 1024}k" if n % 1024 == 0 else str(n)
