@@ -29,7 +29,9 @@ attention forward + backward vs the rest comes out of the profile whatever the k
 --out also gets step_split.png: the split as one stacked bar per profiled row, with its MFU.
 The top kernels by self time of each profiled step go to --out/top_kernels_<impl>_<len>_<ckpt>_<compiled|eager>.txt
 (on CUDA followed by the top host-side ops); the split also gives the step's idle GPU time and the
-graphs torch.compile built during it.
+graphs torch.compile built during it. A profiled step that built a graph (a recompile the profiler's
+markers can trigger) measured the compiler, not the step: it is profiled again, its guard failures
+are printed, and the split comes from the repeat.
 The kernel column names the attention backend each row's model ran (for `ours`, what the config's
 backend resolved to: a fallback from `hopper` to `triton` shows, and is printed when the first
 attention call starts); --probe-impl ours-hopper makes the --longest probes fail instead.
@@ -286,15 +288,46 @@ def profile_step(model, opt, batch: int, seq_len: int, vocab: int, device: torch
     """One profiled training step (after the timed ones): milliseconds of attention forward and
     backward (inside the marker ranges) and of everything else. On CUDA these are GPU kernel times
     (`busy_ms` in all, `idle_ms` the step's wall time with no kernel running); on CPU, CPU time.
-    `graphs_compiled`: graphs torch.compile built during this step (a recompile stalls the GPU).
+    A profiled step during which torch.compile built a graph measured the compiler, not the
+    training step: it is profiled once more and the split comes from the repeat.
+    `graphs_compiled`: graphs built during the reported step; `graphs_compiled_before`: those
+    built by a first profiled step that was repeated (their guard failures go to stderr).
     Writes the top kernels (ops on CPU) by self time to top_file, and on CUDA the top host-side
     ops too, which show what the CPU did while the GPU idled."""
-    from torch._dynamo.utils import counters
+    first = _profiled_step(model, opt, batch, seq_len, vocab, device, state, cp)
+    row = first
+    if first["graphs_compiled"]:
+        print(f"profiled step: torch.compile built {first['graphs_compiled']} graph(s) during it "
+              f"({'; '.join(first.pop('recompile_reasons')) or 'first compile'}); profiling one more step",
+              file=sys.stderr, flush=True)
+        row = _profiled_step(model, opt, batch, seq_len, vocab, device, state, cp)
+        row["graphs_compiled_before"] = first["graphs_compiled"]
+    row.pop("recompile_reasons", None)
+    prof, wall = row.pop("prof"), row["prof_wall_ms"]
+    first.pop("prof", None)
+    if top_file is not None:
+        sorts = ["self_cuda_time_total", "self_cpu_time_total"] if device.type == "cuda" else ["self_cpu_time_total"]
+        top_file.parent.mkdir(parents=True, exist_ok=True)
+        top_file.write_text("\n".join(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=100)
+                                      for sort in sorts) + "\n")
+    if device.type == "cuda" and row["idle_ms"] > 0.1 * wall:
+        print(f"profiled step: the GPU idled {row['idle_ms']:.0f} ms of {wall:.0f}; torch.compile built "
+              f"{row['graphs_compiled']} graph(s) during it" + (f"; host-side ops in {top_file}" if top_file else ""),
+              file=sys.stderr, flush=True)
+    return row
+
+
+def _profiled_step(model, opt, batch: int, seq_len: int, vocab: int, device: torch.device, state: dict,
+                   cp=None) -> dict:
+    """profile_step's measurement of one step: its split, the profile ("prof"), the graphs
+    torch.compile built during it and the guard failures that made it build them."""
+    from torch._dynamo.utils import counters, guard_failures
     from torch.profiler import ProfilerActivity, profile
 
     tokens, positions, labels = make_batch(batch, seq_len, vocab, device, cp)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     graphs_before = counters["stats"]["unique_graphs"]
+    failures_before = {code: len(reasons) for code, reasons in guard_failures.items()}
     state["on"] = True
     try:
         sync(device)
@@ -307,20 +340,13 @@ def profile_step(model, opt, batch: int, seq_len: int, vocab: int, device: torch
     finally:
         state["on"] = False
         state.pop("handle", None)
-    graphs = counters["stats"]["unique_graphs"] - graphs_before
+    reasons = [f"{code.co_name}: {str(reason).strip()[:300]}" for code, rs in list(guard_failures.items())
+               for reason in rs[failures_before.get(code, 0):]]
     fwd, bwd, busy = split_times(prof.events(), device)
-    idle_ms = max(0.0, wall * 1e3 - busy / 1e3)
-    if top_file is not None:
-        sorts = ["self_cuda_time_total", "self_cpu_time_total"] if device.type == "cuda" else ["self_cpu_time_total"]
-        top_file.parent.mkdir(parents=True, exist_ok=True)
-        top_file.write_text("\n".join(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=100)
-                                      for sort in sorts) + "\n")
-    if device.type == "cuda" and idle_ms > 0.1 * wall * 1e3:
-        print(f"profiled step: the GPU idled {idle_ms:.0f} ms of {wall * 1e3:.0f}; torch.compile built "
-              f"{graphs} graph(s) during it" + (f"; host-side ops in {top_file}" if top_file else ""),
-              file=sys.stderr, flush=True)
     return dict(prof_wall_ms=wall * 1e3, busy_ms=busy / 1e3, attn_fwd_ms=fwd / 1e3, attn_bwd_ms=bwd / 1e3,
-                rest_ms=(busy - fwd - bwd) / 1e3, idle_ms=idle_ms, graphs_compiled=graphs)
+                rest_ms=(busy - fwd - bwd) / 1e3, idle_ms=max(0.0, wall * 1e3 - busy / 1e3),
+                graphs_compiled=counters["stats"]["unique_graphs"] - graphs_before,
+                recompile_reasons=reasons, prof=prof)
 
 
 def cp_setup(strategy: str, ulysses_degree: int):
@@ -496,7 +522,8 @@ def report(rows, args, peak, device: torch.device, out: Path | None) -> None:
         unit = "GPU kernel time" if device.type == "cuda" else "CPU time"
         split = [f"\nStep split from one profiled step ({unit}, ms; attention = forward + backward "
                  f"of the attention call, checkpoint recomputes included; idle = wall - kernels; "
-                 f"graphs compiled = by torch.compile during that step):\n",
+                 f"graphs compiled = by torch.compile during that step; a step that built any is "
+                 f"profiled again, and the first step's count follows in brackets):\n",
                  "| impl | seq_len | ckpt | compile | wall | kernels | attn fwd | attn bwd | rest | "
                  "attn share | idle | graphs compiled |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in prof:
@@ -504,7 +531,7 @@ def report(rows, args, peak, device: torch.device, out: Path | None) -> None:
             split.append(f"| {r['impl']} | {r['seq_len']} | {r['ckpt']} | {'on' if r['compile'] else 'off'} | "
                          f"{r['prof_wall_ms']:.1f} | {r['busy_ms']:.1f} | {r['attn_fwd_ms']:.1f} | "
                          f"{r['attn_bwd_ms']:.1f} | {r['rest_ms']:.1f} | {100 * share:.0f}% | {r['idle_ms']:.1f} | "
-                         f"{r.get('graphs_compiled', '')} |")
+                         f"{graphs_cell(r)} |")
         table += "\n" + "\n".join(split)
     print(table)
     if device.type == "cuda":
@@ -524,6 +551,13 @@ def report(rows, args, peak, device: torch.device, out: Path | None) -> None:
         (out / "train_throughput.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         if prof:
             plot_step_split(prof, f"{card} x{rows[0]['gpus']}, {dt.date.today()}", out / "step_split.png")
+
+
+def graphs_cell(row: dict) -> str:
+    """The split table's "graphs compiled": the reported step's count, and in brackets that of the
+    first profiled step when it built graphs and was repeated."""
+    before = row.get("graphs_compiled_before")
+    return f"{row.get('graphs_compiled', '')}" + (f" ({before} before)" if before else "")
 
 
 SEGMENTS = (("attn_fwd_ms", "attention forward"), ("attn_bwd_ms", "attention backward"),

@@ -76,3 +76,26 @@ def test_report_shows_an_oom_rows_peak_and_message(tmp_path):
     assert "| ours-hopper | hopper | 2097152 | | 1 | offload | on | OOM | | | 75.2 before failing | |" in text
     assert "- ours-hopper at 2097152 tokens, offload: CUDA out of memory. Tried to allocate 6.00 GiB." in text
     assert json.loads((tmp_path / "out" / "train_throughput.jsonl").read_text())["oom"] == row["oom"]
+
+
+@pytest.mark.timeout(300)
+def test_a_profiled_step_that_compiles_is_profiled_again(tmp_path, capsys):
+    """Profiled with no step before it, a compiled model builds its graphs inside the profile: the
+    step is repeated, the reported split comes from the repeat (no graph built), and the table
+    shows the first step's count in brackets."""
+    cfg = train_throughput.load_config(str(ROOT / "configs" / "tiny.yaml"),
+                                       [*train_throughput.SMOKE_OVERRIDES, "train.seq_len=64"])
+    cpu = torch.device("cpu")
+    model = train_throughput.build(cfg, "ours", 256, "selective", True, cpu)
+    state = {"on": False}
+    model.attend = train_throughput.marked_attend(model.attend, state, lambda *_: "reference")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    top = tmp_path / "top.txt"
+    row = train_throughput.profile_step(model, opt, 2, 64, 256, cpu, state, top)
+    assert row["graphs_compiled_before"] > 0 and row["graphs_compiled"] == 0, row
+    assert row["attn_fwd_ms"] > 0 and row["busy_ms"] > row["attn_fwd_ms"], row
+    assert "prof" not in row and "recompile_reasons" not in row
+    assert "profiling one more step" in capsys.readouterr().err
+    assert "Self CPU" in top.read_text()
+    assert train_throughput.graphs_cell(row) == f"0 ({row['graphs_compiled_before']} before)"
+    assert train_throughput.graphs_cell({"graphs_compiled": 0}) == "0"
