@@ -110,6 +110,8 @@ CASES = [
          cuda_free=True),
     case("eval-triton-on-cpu", "eval", ["--run", "{run}", "attention.backend=triton"],
          ["needs a CUDA GPU"], cuda_free=True),
+    # score_stats
+    case("score-stats-no-run", "score_stats", ["--run", "{missing}"], ["does not exist"]),
     # niah
     case("niah-bad-depths", "niah", ["--run", "{run}", "--depths", "0,2"], ["fractions in [0, 1]"]),
     case("niah-bad-flag-value", "niah", ["--run", "{run}", "--samples", "x"], ["invalid int value"]),

@@ -403,3 +403,84 @@ def test_sweep_rejects_unknown_method():
     assert select_methods("all")[0] == "si_p_rope" and len(select_methods(None)) == 6
     with pytest.raises(EvalError, match="did you mean 'alibi'"):
         select_methods("rope,alibii")
+
+
+# ----------------------------------------------------------------------------- score statistics
+def brute_force_stats(q, k, positions, doc_ids, edges, tau):
+    """distance_stats by a loop over every (head, query, key), in float64."""
+    b, hq, n, d = q.shape
+    group = hq // k.shape[1]
+    nb = len(edges) - 1
+    out = {name: torch.zeros(hq, nb, dtype=torch.float64) for name in ("count", "sum_s", "sum_s2", "sum_mass")}
+    for bi in range(b):
+        for h in range(hq):
+            for i in range(n):
+                for j in range(n):
+                    t = int(positions[bi, i] - positions[bi, j])
+                    if t < 0 or (doc_ids is not None and doc_ids[bi, i] != doc_ids[bi, j]):
+                        continue
+                    bucket = [x for x in range(nb) if edges[x] <= t < edges[x + 1]]
+                    if not bucket:
+                        continue
+                    s = float(q[bi, h, i].double() @ k[bi, h // group, j].double()) / math.sqrt(d)
+                    g = math.log1p(t / tau)
+                    out["count"][h, bucket[0]] += 1
+                    out["sum_s"][h, bucket[0]] += s
+                    out["sum_s2"][h, bucket[0]] += s * s
+                    out["sum_mass"][h, bucket[0]] += math.exp(math.sqrt(1 + 2 * g) * s - 2 * g) * (1 + t / tau)
+    return out
+
+
+def test_distance_stats_match_a_loop_over_pairs():
+    """GQA 4/2, positions with gaps, two documents in the second row, query chunks smaller than N,
+    a last bucket that pairs beyond it fall out of: the sums equal a float64 loop's to 1e-10."""
+    from scaleinv_dist.evaluate import score_stats as ss
+
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(2, 4, 13, 8, generator=g), torch.randn(2, 2, 13, 8, generator=g)
+    positions = torch.stack([torch.arange(13) * 3, torch.arange(13)])
+    doc_ids = torch.tensor([[0] * 13, [0] * 6 + [1] * 7])
+    edges = [0, 1, 4, 16]  # distances up to 36 in the first row: those >= 16 are left out
+    got = ss.distance_stats(q, k, positions, edges, 10.0, doc_ids, rows_per_chunk=5)
+    want = brute_force_stats(q, k, positions, doc_ids, edges, 10.0)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-10)
+    assert ss.distance_edges(100) == [0, 1, 4, 16, 64, 100] and ss.distance_edges(64) == [0, 1, 4, 16, 64]
+
+
+def test_summary_of_constant_scores_is_the_transform_itself():
+    """Every score equal to c: mean c, variance 0, and mass ratio exactly exp(a_t c + m_t)(1 + t/tau)
+    in a one-distance bucket (1e-12)."""
+    from scaleinv_dist.evaluate import score_stats as ss
+
+    c, tau, t = 0.7, 10.0, 5
+    q = torch.zeros(1, 1, 8, 4, dtype=torch.float64)
+    q[..., 0] = c * 2.0  # q.k / sqrt(4) = c
+    k = torch.zeros(1, 1, 8, 4, dtype=torch.float64)
+    k[..., 0] = 1.0
+    out = ss.summarise(ss.distance_stats(q, k, torch.arange(8)[None], [0, t, t + 1], tau))
+    gt = math.log1p(t / tau)
+    assert out["count"][0].tolist() == [8 + 7 + 6 + 5 + 4, 3]
+    torch.testing.assert_close(out["mean"], torch.full((1, 2), c, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(out["var"], torch.zeros(1, 2, dtype=torch.float64), rtol=0, atol=1e-12)
+    want = math.exp(math.sqrt(1 + 2 * gt) * c - 2 * gt) * (1 + t / tau)
+    assert abs(out["mass"][0, 1].item() - want) < 1e-12
+
+
+@pytest.mark.slow
+def test_score_stats_end_to_end(trained_run, eval_env, tmp_path):
+    proc = run_cmd(["launch/score_stats.py", "--run", str(trained_run), "--multiples", "4", "--windows", "2",
+                    "--out", str(tmp_path)], eval_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "score_stats.json").read_text())
+    assert data["length"] == 128 and data["train_len"] == 32 and data["windows"] == 2
+    assert data["edges"] == [0, 1, 4, 16, 64, 128] and len(data["layers"]) == 1
+    layer = data["layers"][0]
+    assert len(layer["var"]) == 2 and all(len(row) == 5 for row in layer["var"])
+    assert layer["count"][0] == [256.0, 2 * (127 + 126 + 125), sum(2 * (128 - t) for t in range(4, 16)),
+                                 sum(2 * (128 - t) for t in range(16, 64)), sum(2 * (128 - t) for t in range(64, 128))]
+    assert all(v > 0 for row in layer["var"] for v in row[1:])
+    assert "| layer | head | [0,1) |" in proc.stdout
+    assert (tmp_path / "score_stats.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = run_cmd(["launch/score_stats.py", "--run", str(trained_run), "--windows", "0"], eval_env)
+    assert bad.returncode == 2 and "--windows must be at least 1" in bad.stderr and "Traceback" not in bad.stderr
