@@ -137,6 +137,8 @@ def test_plan_keys_checked(tmp_path):
     with pytest.raises(EvalError, match="finetune_steps"):
         sweep.load_plan(str(plan))
     assert sweep.load_plan(str(ROOT / "configs" / "sweeps" / "python.yaml"))["seeds"]["rope"] == [1234, 1235]
+    plan.write_text("config: configs/tiny.yaml\ngpus:\nseeds:\n")  # empty keys: not given
+    assert sweep.load_plan(str(plan)) == {"config": "configs/tiny.yaml"}
 
 
 def test_jobs_per_seed_and_needle_on_first_seed(tmp_path):

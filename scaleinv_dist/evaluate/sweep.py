@@ -505,7 +505,8 @@ def fit_multiples(multiples: Sequence[float], train_len: int, manifest: dict) ->
 
 
 def load_plan(path: str) -> dict:
-    """A sweep plan (YAML mapping); unknown keys are errors naming the closest known one."""
+    """A sweep plan (YAML mapping); unknown keys are errors naming the closest known one, and a key
+    left empty (`gpus:`) counts as not given."""
     import yaml
 
     try:
@@ -526,7 +527,7 @@ def load_plan(path: str) -> dict:
                             + (f"; did you mean {close[0]!r}?" if close else ""))
     for m in plan.get("seeds") or {}:
         select_methods(m)
-    return plan
+    return {key: value for key, value in plan.items() if value is not None}
 
 
 PLAN_KEYS = ["config", "methods", "seeds", "steps", "multiples", "max_tokens", "eval_batch_size",
