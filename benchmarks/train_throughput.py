@@ -294,17 +294,15 @@ def profile_step(model, opt, batch: int, seq_len: int, vocab: int, device: torch
     built by a first profiled step that was repeated (their guard failures go to stderr).
     Writes the top kernels (ops on CPU) by self time to top_file, and on CUDA the top host-side
     ops too, which show what the CPU did while the GPU idled."""
-    first = _profiled_step(model, opt, batch, seq_len, vocab, device, state, cp)
-    row = first
-    if first["graphs_compiled"]:
-        print(f"profiled step: torch.compile built {first['graphs_compiled']} graph(s) during it "
-              f"({'; '.join(first.pop('recompile_reasons')) or 'first compile'}); profiling one more step",
+    row, prof, reasons = _profiled_step(model, opt, batch, seq_len, vocab, device, state, cp)
+    if row["graphs_compiled"]:
+        print(f"profiled step: torch.compile built {row['graphs_compiled']} graph(s) during it "
+              f"({'; '.join(reasons) or 'first compile'}); profiling one more step",
               file=sys.stderr, flush=True)
-        row = _profiled_step(model, opt, batch, seq_len, vocab, device, state, cp)
-        row["graphs_compiled_before"] = first["graphs_compiled"]
-    row.pop("recompile_reasons", None)
-    prof, wall = row.pop("prof"), row["prof_wall_ms"]
-    first.pop("prof", None)
+        before = row["graphs_compiled"]
+        row, prof, _ = _profiled_step(model, opt, batch, seq_len, vocab, device, state, cp)
+        row["graphs_compiled_before"] = before
+    wall = row["prof_wall_ms"]
     if top_file is not None:
         sorts = ["self_cuda_time_total", "self_cpu_time_total"] if device.type == "cuda" else ["self_cpu_time_total"]
         top_file.parent.mkdir(parents=True, exist_ok=True)
@@ -318,9 +316,9 @@ def profile_step(model, opt, batch: int, seq_len: int, vocab: int, device: torch
 
 
 def _profiled_step(model, opt, batch: int, seq_len: int, vocab: int, device: torch.device, state: dict,
-                   cp=None) -> dict:
-    """profile_step's measurement of one step: its split, the profile ("prof"), the graphs
-    torch.compile built during it and the guard failures that made it build them."""
+                   cp=None) -> tuple[dict, object, list[str]]:
+    """profile_step's measurement of one step: (its split and the graphs torch.compile built
+    during it, the profile, the guard failures that made it build them)."""
     from torch._dynamo.utils import counters, guard_failures
     from torch.profiler import ProfilerActivity, profile
 
@@ -343,10 +341,10 @@ def _profiled_step(model, opt, batch: int, seq_len: int, vocab: int, device: tor
     reasons = [f"{code.co_name}: {str(reason).strip()[:300]}" for code, rs in list(guard_failures.items())
                for reason in rs[failures_before.get(code, 0):]]
     fwd, bwd, busy = split_times(prof.events(), device)
-    return dict(prof_wall_ms=wall * 1e3, busy_ms=busy / 1e3, attn_fwd_ms=fwd / 1e3, attn_bwd_ms=bwd / 1e3,
-                rest_ms=(busy - fwd - bwd) / 1e3, idle_ms=max(0.0, wall * 1e3 - busy / 1e3),
-                graphs_compiled=counters["stats"]["unique_graphs"] - graphs_before,
-                recompile_reasons=reasons, prof=prof)
+    row = dict(prof_wall_ms=wall * 1e3, busy_ms=busy / 1e3, attn_fwd_ms=fwd / 1e3, attn_bwd_ms=bwd / 1e3,
+               rest_ms=(busy - fwd - bwd) / 1e3, idle_ms=max(0.0, wall * 1e3 - busy / 1e3),
+               graphs_compiled=counters["stats"]["unique_graphs"] - graphs_before)
+    return row, prof, reasons
 
 
 def cp_setup(strategy: str, ulysses_degree: int):

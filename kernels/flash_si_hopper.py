@@ -74,9 +74,9 @@ _CONTIGUOUS_CACHE: dict = {}
 #           degree-1 polynomials: 3 FMA per element (forward), 2 (backward's dL/dS).
 #   auto    the fastest measured (`pick_variant`): `tile_lin` in both directions at the head dims
 #           where it was both timed and checked against float64 on a GPU (TILE_LIN_AUTO_HEAD_DIMS),
-#           `mufu` at the others (timed at D = 96, 192 and 256 in one H200 run, 2026-12-06, whose
-#           absolute figures are suspect: weighting the backward's 2.5x FLOPs, neither variant was
-#           faster at both 16k and 64k; docs/kernel.md). Measured on one H200,
+#           `mufu` at the others (timed at D = 96, 192 and 256 in one H200 run, 2026-12-06, on a
+#           machine where FA4 plain also ran slow: weighting the backward's 2.5x FLOPs, neither
+#           variant was faster at both 16k and 64k; docs/kernel.md). Measured on one H200,
 #           2026-12-05 (benchmarks/hopper_variants.py, N = 16k and 64k): tile_lin is the fastest
 #           forward at D = 64 and 128 and the fastest backward at D = 64; at D = 128 its backward
 #           ties `mufu` (0.873 vs 0.877 of FA4 plain at 16k, 0.883 vs 0.870 at 64k).

@@ -43,7 +43,7 @@ def run(args) -> int:
     import numpy as np
     import torch
 
-    from scaleinv_dist.evaluate import common, data_access
+    from scaleinv_dist.evaluate import common, data_access, plots, report
     from scaleinv_dist.evaluate import score_stats as ss
 
     run_dir = existing_run_dir(args.run)
@@ -70,61 +70,11 @@ def run(args) -> int:
               "layers": [{k: [[None if math.isnan(x) else round(x, 5) for x in row] for row in v.tolist()]
                           for k, v in layer.items()} for layer in layers]}
     (out / "score_stats.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(table(result))
-    png = plot(result, out / "score_stats.png", title=f"{run_dir.name}: {len(windows)} window(s) of {length}")
+    print(report.score_stats_table(result))
+    png = plots.plot_score_stats(result, out / "score_stats.png",
+                                 title=f"{run_dir.name}: {len(windows)} window(s) of {length}")
     print(f"wrote {out / 'score_stats.json'}, {png}")
     return 0
-
-
-def table(result: dict) -> str:
-    """Per layer and head: mean / variance of S, and the mass ratio, by distance bucket."""
-    edges = result["edges"]
-    cols = [f"[{lo},{hi})" for lo, hi in zip(edges[:-1], edges[1:])]
-    lines = [f"mean / variance of S, and mass ratio E[exp(a S + m)](1 + t/tau) (1.65 at every distance "
-             f"when S ~ N(0,1)); training length {result['train_len']}, scored at {result['length']}",
-             "| layer | head | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
-
-    def cell(mean, var, mass):
-        return "-" if mean is None or var is None else f"{mean:+.2f} / {var:.2f} / {mass:.2f}"
-
-    for li, layer in enumerate(result["layers"]):
-        for h in range(len(layer["mean"])):
-            cells = [cell(layer["mean"][h][b], layer["var"][h][b], layer["mass"][h][b]) for b in range(len(cols))]
-            lines.append(f"| {li} | {h} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def plot(result: dict, path: Path, title: str) -> Path:
-    """Two rows of panels, one column per layer: variance of S and mass ratio against distance."""
-    from scaleinv_dist.evaluate.plots import plt
-
-    edges, layers = result["edges"], result["layers"]
-    centres = [math.sqrt(max(lo, 0.5) * (hi - 1 if hi > 1 else 0.5)) for lo, hi in zip(edges[:-1], edges[1:])]
-    fig, axes = plt.subplots(2, len(layers), figsize=(3.2 * len(layers) + 1, 6), squeeze=False, sharex=True)
-    for li, layer in enumerate(layers):
-        for row, (key, ref, label) in enumerate((("var", 1.0, "variance of S"),
-                                                  ("mass", math.exp(0.5), "mass ratio (log scale)"))):
-            ax = axes[row][li]
-            for h, values in enumerate(layer[key]):
-                pts = [(x, y) for x, y in zip(centres, values) if y is not None]
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=f"head {h}")
-            ax.axhline(ref, color="black", linewidth=0.8, linestyle=":")
-            ax.axvline(result["train_len"], color="grey", linestyle="--", linewidth=1)
-            ax.set_xscale("log", base=2)
-            if key == "mass":
-                ax.set_yscale("log")
-            if li == 0:
-                ax.set_ylabel(label)
-            if row == 0:
-                ax.set_title(f"layer {li}")
-            else:
-                ax.set_xlabel("distance t (tokens)")
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"{title} (dashed: training length; dotted: the N(0,1) value)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 if __name__ == "__main__":

@@ -45,10 +45,11 @@ Checked against the peaks recorded in benchmarks/RESULTS.md for `none` and `sele
 (configs/paper-162m.yaml, vocabulary 50304, AdamW, H100s, blocks not compiled): the estimate is
 1.01x-1.28x the measured peak (tests/test_memory.py lists them). Compiled blocks (train.compile, the
 CUDA default) keep less: the estimate is 1.27x-1.42x their measured peaks (1.68x and 1.51x for
-`offload` at 1M and 2M tokens), so `auto` errs towards more recompute. The `full` and `offload` terms describe the
-token-chunked recompute of the blocks' halves (2026-12-05); the peaks measured before it (eager `offload`
-69.7 GiB at 1M tokens, compiled 37.9 GiB) held one whole block's intermediates (about 36 KB per
-token, measured on CPU), which ran the 2M-token step out of memory on an 80 GB card.
+`offload` at 1M and 2M tokens), so `auto` errs towards more recompute. The `full` and `offload`
+terms describe the token-chunked recompute of the blocks' halves (2026-12-05); the peaks measured
+before it (eager `offload` 69.7 GiB at 1M tokens, compiled 37.9 GiB) held one whole block's
+intermediates (about 36 KB per token, measured on CPU), which ran the 2M-token step out of memory
+on an 80 GB card.
 """
 from __future__ import annotations
 

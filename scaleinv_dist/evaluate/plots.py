@@ -15,6 +15,12 @@ def _mark_train(ax, train_len: int | None) -> None:
         ax.axvline(train_len, color="grey", linestyle="--", linewidth=1, label=f"train length {train_len}")
 
 
+def bucket_centre(lo: int, hi: int) -> float:
+    """Where a bucket [lo, hi) of tokens is drawn on a log axis: the geometric centre of lo and
+    hi - 1; the bucket starting at 0 at 0.5."""
+    return max(0.5, (lo * max(hi - 1, 1)) ** 0.5) if lo else 0.5
+
+
 def plot_loss_vs_length(results: Mapping[int, dict], train_len: int | None, path: str | Path,
                         title: str = "") -> Path:
     """Two panels: mean loss against context length; loss by position bucket, one line per length."""
@@ -30,8 +36,7 @@ def plot_loss_vs_length(results: Mapping[int, dict], train_len: int | None, path
     a.legend(fontsize=8)
     for L in lengths:
         bs = [x for x in results[L]["buckets"] if x["count"] > 0]
-        # plot each bucket at its geometric centre (position 0 at 0.5 on the log axis)
-        xs = [max(0.5, (x["lo"] * max(x["hi"] - 1, 1)) ** 0.5) if x["lo"] else 0.5 for x in bs]
+        xs = [bucket_centre(x["lo"], x["hi"]) for x in bs]
         b.plot(xs, [x["loss"] for x in bs], marker=".", label=f"L={L}")
     b.set_xscale("log", base=2)
     b.set_xlabel("position in window (tokens of context)")
@@ -129,8 +134,7 @@ def plot_bucket_curves(rows: Sequence[dict], length: int, train_len: int, path: 
             s[0] += x["loss_sum"]
             s[1] += x["count"]
     for label, acc in by_method.items():
-        pts = sorted((max(0.5, (lo * max(hi - 1, 1)) ** 0.5) if lo else 0.5, s / c)
-                     for (lo, hi), (s, c) in acc.items() if c > 0)
+        pts = sorted((bucket_centre(lo, hi), s / c) for (lo, hi), (s, c) in acc.items() if c > 0)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=label)
     return _finish_log2_plot(fig, ax, train_len, path,
                              title or f"loss by position bucket at context length {length}",
@@ -164,6 +168,41 @@ def plot_needle_grids(grids: Mapping[str, dict], path: str | Path, train_len: in
         fig.colorbar(im, ax=axes.ravel().tolist(), label="accuracy", shrink=0.8)
     if title:
         fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_score_stats(result: dict, path: str | Path, title: str) -> Path:
+    """launch/score_stats.py's figure: two rows of panels, one column per layer, the variance of
+    the scores and the mass ratio against distance, one line per head; dotted: their N(0, 1)
+    values (1 and e^0.5). result: the score_stats.json mapping."""
+    import math
+
+    edges, layers = result["edges"], result["layers"]
+    centres = [bucket_centre(lo, hi) for lo, hi in zip(edges[:-1], edges[1:])]
+    fig, axes = plt.subplots(2, len(layers), figsize=(3.2 * len(layers) + 1, 6), squeeze=False, sharex=True)
+    for li, layer in enumerate(layers):
+        for row, (key, ref, label) in enumerate((("var", 1.0, "variance of S"),
+                                                  ("mass", math.exp(0.5), "mass ratio (log scale)"))):
+            ax = axes[row][li]
+            for h, values in enumerate(layer[key]):
+                pts = [(x, y) for x, y in zip(centres, values) if y is not None]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=f"head {h}")
+            ax.axhline(ref, color="black", linewidth=0.8, linestyle=":")
+            _mark_train(ax, result["train_len"])
+            ax.set_xscale("log", base=2)
+            if key == "mass":
+                ax.set_yscale("log")
+            if li == 0:
+                ax.set_ylabel(label)
+            if row == 0:
+                ax.set_title(f"layer {li}")
+            else:
+                ax.set_xlabel("distance t (tokens)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{title} (dotted: the N(0,1) value)", fontsize=10)
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)

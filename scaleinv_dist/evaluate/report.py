@@ -49,3 +49,19 @@ def needle_table(grid: dict) -> str:
         lines.append(f"{d:>14.2f} " + " ".join(f"{a:>8.2f}" for a in row))
     lines.append(f"{'mean':>14} " + " ".join(f"{a:>8.3f}" for a in grid["accuracy_by_length"]))
     return "\n".join(lines)
+
+
+def score_stats_table(result: dict) -> str:
+    """launch/score_stats.py's table: per layer and head, "mean / variance / mass ratio" of the
+    scores in each distance bucket. result: the score_stats.json mapping."""
+    edges = result["edges"]
+    cols = [f"[{lo},{hi})" for lo, hi in zip(edges[:-1], edges[1:])]
+
+    def cell(mean, var, mass):
+        return "-" if mean is None or var is None else f"{mean:+.2f} / {var:.2f} / {mass:.2f}"
+
+    rows = [[li, h, *(cell(m, v, r) for m, v, r in zip(layer["mean"][h], layer["var"][h], layer["mass"][h]))]
+            for li, layer in enumerate(result["layers"]) for h in range(len(layer["mean"]))]
+    return (f"mean / variance of S, and mass ratio E[exp(a S + m)](1 + t/tau) (1.65 at every distance "
+            f"when S ~ N(0,1)); training length {result['train_len']}, scored at {result['length']}\n"
+            + markdown_table(["layer", "head", *cols], rows))
